@@ -1,0 +1,354 @@
+"""Run configuration: typed dataclasses loaded from YAML with dotted ``key=value`` overrides.
+
+One YAML file describes a whole experiment; every stage (``refine prepare-data``, ``refine train-ntp``, ...) reads
+the sections it needs from the same :class:`RunConfig`. The dataclasses are the single source of truth: unknown
+keys, wrong types and invalid values fail at load time with a message that names the key and the fix.
+
+Example::
+
+    cfg = load_config("configs/tiny-deltanet.yaml", ["ntp.steps=20", "model.config.hidden_size=128"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message says which and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how to build it."""
+
+    # Where pretrained weights come from: a hub name (``fla-hub/delta_net-1.3B-100B``), a local HF directory, or an
+    # ``s3://bucket/prefix`` URI. ``None`` builds a fresh model from ``arch`` + ``config``.
+    source: str | None = None
+    # Model family for from-scratch runs: ``delta_net`` or ``gated_deltanet`` (fla's ``model_type`` names).
+    arch: str = "delta_net"
+    # Architecture fields with fla's names (hidden_size, num_hidden_layers, num_heads, vocab_size, ...). With a
+    # ``source`` these override the checkpoint's config.json (only harmless fields; shapes must still match).
+    config: dict[str, Any] = field(default_factory=dict)
+    # Tokenizer: ``byte`` (built in, no network), a hub name, a local HF tokenizer directory or an s3:// URI.
+    # ``None`` uses the tokenizer stored with ``source``.
+    tokenizer: str | None = "byte"
+    # Where hub and s3 downloads are cached.
+    cache_dir: str = "~/.cache/refine"
+
+    def __post_init__(self) -> None:
+        if self.source is None and self.arch not in ("delta_net", "gated_deltanet"):
+            raise ConfigError(
+                f"model.arch={self.arch!r} is not a known architecture; use 'delta_net' or 'gated_deltanet' "
+                "(LaCT arrives in a later release), or set model.source to a checkpoint."
+            )
+
+
+@dataclass
+class SourceConfig:
+    """One corpus to read long documents from."""
+
+    # A local file or directory (parquet / jsonl / json / txt), a glob, a hub dataset name (``hf://org/name``), or
+    # ``synthetic`` for a seeded generated corpus that needs no files (used by the tiny configs and tests).
+    path: str = "synthetic"
+    # Column holding the document text.
+    text_column: str = "text"
+    # Hub datasets only: subset and split.
+    subset: str | None = None
+    split: str = "train"
+    # Read at most this many documents from this source (``None`` = all).
+    max_docs: int | None = None
+    # ``synthetic`` only: number of documents and their length in words.
+    synthetic_docs: int = 64
+    synthetic_words: int = 400
+    # ``synthetic`` only: selects the generated documents (the vocabulary is the same for every seed).
+    synthetic_seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Data preparation: read, tokenize, length-filter, truncate, shard."""
+
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    # Keep documents with at least this many tokens (the paper keeps documents >= 16384 tokens; spec §3).
+    min_tokens: int = 16384
+    # Truncate to the first ``max_tokens`` tokens (spec §1: the official code keeps the beginning).
+    max_tokens: int = 16384
+    # Documents held out for the validation loss.
+    eval_docs: int = 8
+    # Seeds the choice of held-out documents (separate from the run seed, so seed sweeps share one split).
+    split_seed: int = 0
+    # Documents per shard file.
+    shard_docs: int = 1024
+    # Where the prepared shards and manifest go (``{output_dir}/data`` when ``None``).
+    prepared_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.min_tokens < 2:
+            raise ConfigError(f"data.min_tokens={self.min_tokens} must be >= 2 (a document needs a next token).")
+        if self.max_tokens < self.min_tokens:
+            raise ConfigError(
+                f"data.max_tokens={self.max_tokens} is smaller than data.min_tokens={self.min_tokens}; "
+                "set max_tokens >= min_tokens."
+            )
+        if self.eval_docs < 0:
+            raise ConfigError(f"data.eval_docs={self.eval_docs} must be >= 0.")
+
+
+@dataclass
+class NTPConfig:
+    """The next-token-prediction trainer (the baseline, and the NTP half of every later stage)."""
+
+    steps: int = 100
+    # Documents per optimizer step; split into micro-batches of ``micro_batch_size`` (gradient accumulation).
+    batch_size: int = 8
+    micro_batch_size: int = 2
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    # ``constant`` (the paper, spec §3), ``cosine`` or ``linear`` decay after ``warmup_steps`` of linear warm-up.
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    # Mask pad tokens out of the NTP loss. ``False`` reproduces the official DeltaNet bug (spec §10.4).
+    mask_pad_in_loss: bool = True
+    log_every: int = 1
+    # Held-out loss every ``eval_every`` steps (0 = only at the end) on up to ``eval_max_docs`` documents.
+    eval_every: int = 10
+    eval_max_docs: int = 32
+    # Atomic checkpoint every ``save_every`` steps (0 = only at the end); keep the newest ``keep_checkpoints``.
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    # Continue from the newest complete checkpoint in ``{output_dir}/checkpoints`` if one exists.
+    resume: bool = False
+    # Stop after this many steps of this process (simulates an interruption in tests; ``None`` = run to the end).
+    stop_after: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ntp.{name}={getattr(self, name)} must be >= 1.")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"ntp.batch_size={self.batch_size} is not a multiple of ntp.micro_batch_size="
+                f"{self.micro_batch_size}; pick a micro-batch size that divides the batch."
+            )
+        if self.lr_schedule not in ("constant", "cosine", "linear"):
+            raise ConfigError(f"ntp.lr_schedule={self.lr_schedule!r}; use 'constant', 'cosine' or 'linear'.")
+        if self.lr <= 0 or self.grad_clip <= 0:
+            raise ConfigError("ntp.lr and ntp.grad_clip must be > 0.")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError(
+                f"ntp.warmup_steps={self.warmup_steps} must be in [0, ntp.steps={self.steps}]; shorten the warm-up."
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"ntp.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking. ``mlflow`` with no URI uses an embedded store: ``sqlite:///mlruns/mlflow.db``."""
+
+    backend: str = "mlflow"
+    # ``None``: ``$MLFLOW_TRACKING_URI`` if set, else the embedded sqlite store under ``./mlruns``.
+    tracking_uri: str | None = None
+    experiment: str = "refine"
+    # Log each checkpoint directory as an MLflow artifact (off for big models: artifacts are copied).
+    log_checkpoints: bool = True
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("mlflow", "none"):
+            raise ConfigError(f"tracking.backend={self.backend!r}; use 'mlflow' or 'none'.")
+
+
+@dataclass
+class RunConfig:
+    """Everything one experiment needs; each stage reads its own sections."""
+
+    name: str = "refine"
+    # Root of everything a run writes: prepared data, checkpoints, the resolved config.
+    output_dir: str = "runs/default"
+    seed: int = 0
+    # ``auto`` picks CUDA when available; ``cpu`` / ``cuda`` / ``cuda:N`` force it.
+    device: str = "auto"
+    # ``auto``: bf16 autocast on CUDA, fp32 on CPU.
+    precision: str = "auto"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ntp: NTPConfig = field(default_factory=NTPConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision={self.precision!r}; use 'auto', 'fp32' or 'bf16'.")
+
+    @property
+    def prepared_dir(self) -> Path:
+        return Path(self.data.prepared_dir or Path(self.output_dir) / "data")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain, YAML-serialisable view of a config dataclass (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``; lists are kept as values."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def dump_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking keys and types."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}: {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; valid keys here are: "
+            f"{', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value, strict=True))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings; values are read as YAML (``1e-6``, ``true``, ``[1, 2]``)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (for example ntp.steps=10)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        parsed.append((key, yaml.safe_load(raw) if raw != "" else ""))
+    return parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = RunConfig) -> Any:
+    """Load ``cls`` from a YAML file (or defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {str(path)!r} does not exist; pass --config with a YAML file under configs/"
+            )
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        tree = loaded or {}
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    return from_dict(cls, tree)
