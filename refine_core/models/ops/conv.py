@@ -1,0 +1,69 @@
+"""Depthwise causal short convolution with a decoding cache, as fla's ``ShortConvolution``, in plain PyTorch.
+
+fla 0.6.0 (``fla/modules/causal_conv1d/ops.py``) computes ``y_t = act(bias + sum_j weight[:, 0, j] * x_{t-W+1+j})``
+in float32 and stores ``y`` in ``x.dtype``. Its cache (``conv_state``) is ``[N, D, W]`` and holds the last ``W``
+inputs, oldest first: ``cache[..., W-1]`` is the newest token (``causal_conv1d_states_fwd_kernel`` writes it, and
+``causal_conv1d_update_kernel`` shifts it left by one and appends the new token before convolving all ``W``
+columns). Slot 0 is never read by the next step but is kept for layout compatibility with fla checkpoints/caches.
+This module uses exactly that layout, so prefill followed by token-by-token decoding equals the full sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from refine_core.models.ops.norm import compute_dtype
+
+_CONV_ACTIVATIONS = ("silu", "swish", None)
+
+
+def short_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = "silu",
+    cache: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Depthwise causal convolution over time, optionally continuing from a cache.
+
+    Args:
+        x: ``[B, T, D]`` input.
+        weight: ``[D, 1, W]`` kernel (``nn.Conv1d(D, D, W, groups=D)`` layout, as fla's ``ShortConvolution.weight``).
+        bias: optional ``[D]``.
+        activation: ``"silu"`` / ``"swish"`` (the same) or ``None``.
+        cache: optional ``[B, D, W]``, the last ``W`` inputs before ``x``, newest at ``[..., W-1]``; zeros (what a
+            fresh sequence sees) when ``None``. It is not modified.
+        output_final_state: return the cache after ``x`` (``[B, D, W]``, in ``x.dtype``), else ``None``.
+
+    Returns:
+        ``(y, new_cache)``: ``y`` is ``[B, T, D]`` in ``x.dtype``.
+    """
+    if activation not in _CONV_ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is not supported; use one of {_CONV_ACTIVATIONS}")
+    B, T, D = x.shape
+    if weight.dim() != 3 or weight.shape[0] != D or weight.shape[1] != 1:
+        raise ValueError(f"weight must be [D={D}, 1, W], got {tuple(weight.shape)}")
+    W = weight.shape[-1]
+    if cache is not None and cache.shape != (B, D, W):
+        raise ValueError(f"cache must be [B={B}, D={D}, W={W}], got {tuple(cache.shape)}")
+
+    cd = compute_dtype(x.dtype)
+    past = cache.to(cd) if cache is not None else x.new_zeros(B, D, W, dtype=cd)
+    buf = torch.cat([past, x.to(cd).transpose(1, 2)], dim=-1)  # [B, D, W + T]
+    w = weight.to(cd)
+    b = bias.to(cd) if bias is not None else None
+    if T == 1:
+        # decode: a multiply-add over the W newest inputs is much cheaper than a conv1d launch
+        y = (buf[..., 1:] * w[:, 0]).sum(-1, keepdim=True)  # [B, D, 1]
+        if b is not None:
+            y = y + b[:, None]
+    else:
+        # the first column is the input just before the window of the first output; conv1d never reads it
+        y = F.conv1d(buf[..., 1:], w, b, groups=D)  # [B, D, T]
+    if activation is not None:
+        y = F.silu(y)
+    # contiguous: a view would keep the whole [B, D, W + T] buffer alive
+    new_cache = buf[..., -W:].to(x.dtype).contiguous() if output_final_state else None
+    return y.transpose(1, 2).to(x.dtype), new_cache
