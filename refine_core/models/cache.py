@@ -1,0 +1,75 @@
+"""The recurrent state of a fast-weight LM: what a prefix has written into the fast weights.
+
+For DeltaNet-style layers the whole past is summarised by a fixed-size state per layer, whatever the length:
+the fast-weight matrix ``S`` (``[B, H, K, V]``, float32) and the last inputs of the three short convolutions.
+Decoding feeds new tokens with this cache instead of re-encoding the prefix, and REFINE's rollouts branch from it
+(clone, select or repeat rows), so the operations here are cheap tensor copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LayerState:
+    """State of one layer after reading a prefix."""
+
+    recurrent_state: torch.Tensor | None = None  # [B, H, K, V], float32
+    # Last inputs of the q/k/v short convolutions, each [B, D, W] (None when the layer has no short conv).
+    conv_states: tuple[torch.Tensor | None, ...] | None = None
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> LayerState:
+        conv = None if self.conv_states is None else tuple(None if c is None else fn(c) for c in self.conv_states)
+        rec = None if self.recurrent_state is None else fn(self.recurrent_state)
+        return LayerState(recurrent_state=rec, conv_states=conv)
+
+
+@dataclass
+class FastWeightCache:
+    """Per-layer states plus the number of tokens read so far (padding included)."""
+
+    layers: list[LayerState] = field(default_factory=list)
+    seen_tokens: int = 0
+
+    @classmethod
+    def empty(cls, num_layers: int) -> FastWeightCache:
+        return cls(layers=[LayerState() for _ in range(num_layers)])
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> FastWeightCache:
+        return FastWeightCache(layers=[layer.map(fn) for layer in self.layers], seen_tokens=self.seen_tokens)
+
+    def clone(self) -> FastWeightCache:
+        return self.map(torch.clone)
+
+    def detach(self) -> FastWeightCache:
+        return self.map(torch.Tensor.detach)
+
+    def select(self, index: torch.Tensor | list[int]) -> FastWeightCache:
+        """Rows ``index`` of the batch (a copy), e.g. to continue only some sequences."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        return self.map(lambda t: t.index_select(0, index.to(t.device)))
+
+    def repeat_interleave(self, repeats: int) -> FastWeightCache:
+        """Each row repeated ``repeats`` times (``[a, b] -> [a, a, b, b]``): G rollouts from one prefix."""
+        return self.map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    @property
+    def batch_size(self) -> int:
+        for layer in self.layers:
+            if layer.recurrent_state is not None:
+                return layer.recurrent_state.shape[0]
+        return 0
+
+    def nbytes(self) -> int:
+        total = 0
+        for layer in self.layers:
+            if layer.recurrent_state is not None:
+                total += layer.recurrent_state.numel() * layer.recurrent_state.element_size()
+            for c in layer.conv_states or ():
+                if c is not None:
+                    total += c.numel() * c.element_size()
+        return total

@@ -1,0 +1,127 @@
+"""DeltaNet token mixer (fla ``fla.layers.DeltaNet``), parameter-compatible with fla checkpoints.
+
+The fast weight ``S`` is updated per token by the delta rule ``S += beta * k (v - S^T k)^T`` and read with the
+query, ``o = S^T q``. Padding is handled by masking rather than unpadding: at a pad position the layer input,
+and therefore q, k and v, are zero and beta is zero, so the token leaves the state and the short-convolution
+history exactly as if it were absent. For left padding (spec §1) this reproduces fla's varlen result.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from refine_core.models.cache import LayerState
+from refine_core.models.configuration import DeltaNetConfig
+from refine_core.models.layers import GatedRMSNorm, RMSNorm, ShortConvolution
+from refine_core.models.ops import delta_rule
+
+
+def apply_padding_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero ``x`` ``[B, T, ...]`` where ``mask`` ``[B, T]`` is 0."""
+    if mask is None:
+        return x
+    return x * mask.view(*mask.shape, *([1] * (x.dim() - 2))).to(x.dtype)
+
+
+class DeltaNet(nn.Module):
+    """One DeltaNet layer's token mixer (named ``attn`` inside a block, as in fla)."""
+
+    def __init__(self, config: DeltaNetConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.head_k_dim = config.key_dim // config.num_heads
+        self.head_v_dim = config.value_dim // config.num_heads
+
+        self.q_proj = nn.Linear(config.hidden_size, config.key_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.key_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.value_dim, bias=False)
+        if config.use_beta:
+            self.b_proj = nn.Linear(config.hidden_size, config.num_heads, bias=False)
+        if config.use_short_conv:
+            qk_act = "silu" if config.qk_activation == "silu" else None
+            self.q_conv1d = ShortConvolution(config.key_dim, config.conv_size, activation=qk_act)
+            self.k_conv1d = ShortConvolution(config.key_dim, config.conv_size, activation=qk_act)
+            self.v_conv1d = ShortConvolution(config.value_dim, config.conv_size, activation="silu")
+        if config.use_gate:
+            self.g_proj = nn.Linear(config.hidden_size, config.value_dim, bias=False)
+            self.o_norm: nn.Module = GatedRMSNorm(self.head_v_dim, eps=config.norm_eps)
+        else:
+            self.o_norm = RMSNorm(self.head_v_dim, eps=config.norm_eps, dtype=torch.float32)
+        self.o_proj = nn.Linear(config.value_dim, config.hidden_size, bias=False)
+
+    def _qkv(
+        self, x: torch.Tensor, state: LayerState | None, use_cache: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...] | None]:
+        cfg = self.config
+        if cfg.use_short_conv:
+            cq, ck, cv = state.conv_states if state is not None and state.conv_states is not None else (None,) * 3
+            q, cq = self.q_conv1d(self.q_proj(x), cache=cq, output_final_state=use_cache)
+            k, ck = self.k_conv1d(self.k_proj(x), cache=ck, output_final_state=use_cache)
+            v, cv = self.v_conv1d(self.v_proj(x), cache=cv, output_final_state=use_cache)
+            conv_states = (cq, ck, cv) if use_cache else None
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), F.silu(self.v_proj(x))
+            if cfg.qk_activation == "silu":
+                q, k = F.silu(q), F.silu(k)
+            conv_states = None
+        return q, k, v, conv_states
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        state: LayerState | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, LayerState | None]:
+        """Mix tokens.
+
+        Args:
+            hidden_states: ``[B, T, D]`` normed layer input.
+            attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding (of this call's tokens only).
+            state: this layer's state after the previous tokens, or ``None`` for an empty prefix.
+            use_cache: return the state after these tokens.
+
+        Returns:
+            ``([B, T, D]`` output, the new state or ``None``).
+        """
+        cfg = self.config
+        batch, seq_len, _ = hidden_states.shape
+        x = apply_padding_mask(hidden_states, attention_mask)
+        q, k, v, conv_states = self._qkv(x, state, use_cache)
+        q = q.view(batch, seq_len, self.num_heads, self.head_k_dim)
+        k = k.view(batch, seq_len, self.num_heads, self.head_k_dim)
+        v = v.view(batch, seq_len, self.num_heads, self.head_v_dim)
+        if cfg.qk_activation == "relu":
+            q, k = q.relu(), k.relu()
+        elif cfg.qk_activation == "elu":
+            q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
+        if cfg.qk_norm == "sum":
+            q = F.normalize(q, p=1, dim=-1, eps=1e-6)
+            k = F.normalize(k, p=1, dim=-1, eps=1e-6)
+
+        beta = self.b_proj(x).sigmoid() if cfg.use_beta else q.new_ones(batch, seq_len, self.num_heads)
+        if cfg.allow_neg_eigval:
+            beta = beta * 2.0
+        beta = apply_padding_mask(beta, attention_mask)
+
+        o, recurrent_state = delta_rule(
+            q,
+            k,
+            v,
+            beta,
+            initial_state=state.recurrent_state if state is not None else None,
+            output_final_state=use_cache,
+            use_qk_l2norm=cfg.qk_norm == "l2",
+        )
+        if cfg.use_gate:
+            gate = self.g_proj(x).view(batch, seq_len, self.num_heads, self.head_v_dim)
+            o = self.o_norm(o, gate)
+        else:
+            o = self.o_norm(o)
+        o = self.o_proj(o.reshape(batch, seq_len, -1).to(hidden_states.dtype))
+        new_state = LayerState(recurrent_state=recurrent_state, conv_states=conv_states) if use_cache else None
+        return o, new_state
