@@ -1,0 +1,98 @@
+"""The ``refine`` command line: one subcommand per pipeline stage.
+
+    refine prepare-data --config configs/tiny-deltanet.yaml
+    refine train-ntp --config configs/tiny-deltanet.yaml ntp.steps=20 device=cpu
+    refine train-ntp --config configs/tiny-deltanet.yaml --print-config     # show the resolved config, run nothing
+    python -m refine_core train-ntp ...                                      # same thing
+
+Every subcommand takes ``--config FILE`` and ``key=value`` overrides (values are YAML: ``1e-6``, ``true``,
+``[1, 2]``). A bad config exits with status 2 and a one-line message naming the key. A stage is one row of
+:data:`STAGES`; its module is imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import yaml
+
+from refine_core import __version__, runtime
+from refine_core.config import ConfigError, RunConfig, load_config, to_dict
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A subcommand: ``module.function(cfg)``, or ``module.function(cfg, tracker)`` when ``tracked``."""
+
+    module: str
+    function: str
+    help: str
+    # Open an MLflow run named ``{cfg.name}-{command}`` and close it FAILED if the stage raises; the stage itself
+    # logs its config, so that KFP components and tests that call it directly log the same things.
+    tracked: bool = True
+
+
+STAGES: dict[str, Stage] = {
+    "prepare-data": Stage(
+        "refine_core.stages.prepare_data", "prepare_data", "read, tokenize, filter and shard the corpora",
+        tracked=False,
+    ),
+    "train-ntp": Stage("refine_core.stages.train_ntp", "train_ntp", "next-token-prediction training (the baseline)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="refine", description="REFINE for fast-weight language models: run one pipeline stage."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, stage in STAGES.items():
+        sub = commands.add_parser(name, help=stage.help, description=stage.help)
+        sub.add_argument("--config", metavar="FILE", help="experiment YAML (default: built-in defaults)")
+        sub.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. ntp.steps=20")
+    return parser
+
+
+def run_stage(command: str, cfg: RunConfig) -> None:
+    """Import the stage for ``command`` and run it on ``cfg`` (with a tracker if the stage is tracked)."""
+    stage = STAGES[command]
+    entry = getattr(importlib.import_module(stage.module), stage.function)
+    if not stage.tracked:
+        entry(cfg)
+        return
+    from refine_core.tracking import make_tracker
+
+    with make_tracker(cfg, command) as tracker:  # closes FAILED and re-raises if the stage fails
+        entry(cfg, tracker)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``refine`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        runtime.setup_logging(args.log_level)
+        cfg = load_config(args.config, list(args.overrides))
+    except (ConfigError, ValueError) as exc:
+        sys.stderr.write(f"refine {args.command}: error: {exc}\n")
+        return 2
+    if args.print_config:
+        sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    runtime.configure_triton_cache()  # before a stage imports fla
+    logger.info("refine %s: %s (output_dir=%s)", args.command, cfg.name, cfg.output_dir)
+    run_stage(args.command, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,416 @@
+"""Experiment tracking behind a small protocol: MLflow in production, a null tracker in tests (style.md §13).
+
+Stages receive a :class:`Tracker` and never branch on whether tracking is on::
+
+    with make_tracker(cfg, "train-ntp", {"refine.data_fingerprint": fp}) as tracker:
+        tracker.log_config(cfg)
+        tracker.log_metrics({"ntp/loss": 2.31, "ntp/lr": 1e-6}, step=10)
+        tracker.log_artifacts(ckpt_dir, artifact_path="checkpoints/step_00000010")
+    # an exception inside the block marks the run FAILED and propagates
+
+With no tracking URI configured the MLflow backend uses an embedded store that needs no server:
+``./mlruns/mlflow.db`` (sqlite) with artifacts under ``./mlruns/artifacts/<experiment>/<run id>/artifacts``. Browse
+it with ``mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db``.
+
+Every call uses ``MlflowClient`` with an explicit run id (no fluent ``mlflow.start_run`` state), so several trackers
+can live in one process. Values of params and tags whose key looks secret are redacted before they leave the process,
+and environment variables are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+from refine_core import runtime
+from refine_core.config import RunConfig, TrackingConfig, flatten, to_dict
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_DIR = "mlruns"
+DEFAULT_DB_NAME = "mlflow.db"
+CONFIG_ARTIFACT = "config.yaml"
+REDACTED = "***REDACTED***"
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_T = TypeVar("_T")
+
+# Key words that mark a secret. ``token`` must stand alone as a word (``hf_token``, ``apiToken``) so that
+# ``model.tokenizer`` and ``data.max_tokens`` stay visible.
+_SECRET_WORDS = re.compile(r"password|passwd|secret|access_?key|credential|private_?key|(?<![a-z])token(?![a-z])")
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+# ``scheme://user:password@host`` in a value: keep the host, drop the user info.
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a param/tag key names a secret (password, secret, token, access key, credential; any case)."""
+    return bool(_SECRET_WORDS.search(_CAMEL_BOUNDARY.sub("_", key).lower()))
+
+
+def redact(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Copy of a (possibly nested) mapping with secret-looking keys' values and URL passwords replaced."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        out[key] = REDACTED if is_secret_key(str(key)) else _redact_value(value)
+    return out
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return redact(value)
+    if isinstance(value, (list, tuple)):
+        return [_redact_value(v) for v in value]
+    if isinstance(value, str):
+        return _URL_USERINFO.sub(f"{REDACTED}@", value)
+    return value
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """What stages may call. Metric names are slash-separated: ``ntp/loss``, ``refine/reward/mean``."""
+
+    @property
+    def run_id(self) -> str | None: ...
+
+    def log_config(self, cfg: Any) -> None: ...
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+    def close(self, status: str = "FINISHED") -> None: ...
+
+    def __enter__(self) -> Tracker: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+
+class _ContextMixin:
+    """``with tracker:`` closes FINISHED, FAILED on an exception, KILLED on Ctrl-C; the exception propagates."""
+
+    def close(self, status: str = "FINISHED") -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _T) -> _T:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.close("KILLED")
+        else:
+            self.close("FAILED")
+
+
+class NullTracker(_ContextMixin):
+    """Accepts every call and does nothing; used for ``tracking.backend=none``, tests and non-zero ranks."""
+
+    @property
+    def run_id(self) -> str | None:
+        return None
+
+    def log_config(self, cfg: Any) -> None:
+        pass
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def _import_mlflow() -> Any:
+    try:
+        import mlflow
+    except ImportError as exc:  # pragma: no cover - mlflow is a core dependency; this guards slim images
+        raise ImportError(
+            "tracking.backend=mlflow needs the mlflow package: `pip install mlflow==3.17.2` (or mlflow-skinny==3.17.2 "
+            "in component images), or set tracking.backend=none."
+        ) from exc
+    return mlflow
+
+
+def default_tracking_uri() -> str:
+    """The embedded store ``sqlite:///<cwd>/mlruns/mlflow.db`` (absolute, so later ``chdir`` calls don't move it)."""
+    return f"sqlite:///{(Path.cwd() / DEFAULT_TRACKING_DIR / DEFAULT_DB_NAME).resolve()}"
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """``tracking_uri`` if given, else ``$MLFLOW_TRACKING_URI``, else :func:`default_tracking_uri`."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def _local_sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (``None`` for servers, in-memory and other stores)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri[len(prefix):] in ("", ":memory:"):
+        return None
+    return Path(uri[len(prefix):])
+
+
+def _param_value(value: Any) -> str:
+    """MLflow params are strings; lists/dicts become JSON so they stay readable and parseable."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(to_dict(value), default=str)
+    return str(value)
+
+
+def _truncate(value: str, limit: int) -> str:
+    if len(value) <= limit:
+        return value
+    marker = f"...[truncated, {len(value)} chars; see {CONFIG_ARTIFACT}]"
+    return value[: limit - len(marker)] + marker
+
+
+class MlflowTracker(_ContextMixin):
+    """One MLflow run, driven through ``MlflowClient`` with explicit run ids.
+
+    Args:
+        experiment: experiment name; ``None`` means ``$MLFLOW_EXPERIMENT_NAME``, else ``refine``. Ignored when
+            ``parent_run_id`` is given (a nested run lives in its parent's experiment).
+        tracking_uri: ``None`` means ``$MLFLOW_TRACKING_URI``, else the embedded ``sqlite:///mlruns/mlflow.db``.
+        run_name: the run's display name (``mlflow.runName``).
+        tags: extra run tags (redacted like params).
+        parent_run_id: make this a nested run under that run (``None``: ``$MLFLOW_PARENT_RUN_ID`` if set).
+        run_id: continue this existing run instead of creating one (``None``: ``$MLFLOW_RUN_ID`` if set).
+    """
+
+    def __init__(
+        self,
+        experiment: str | None = None,
+        tracking_uri: str | None = None,
+        run_name: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        mlflow = _import_mlflow()
+        from mlflow.entities import RunStatus
+        from mlflow.tracking.context.registry import resolve_tags
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+        from mlflow.utils.validation import (
+            MAX_METRICS_PER_BATCH,
+            MAX_PARAM_VAL_LENGTH,
+            MAX_PARAMS_TAGS_PER_BATCH,
+            MAX_TAG_VAL_LENGTH,
+        )
+
+        self._max_param_len = MAX_PARAM_VAL_LENGTH
+        self._max_tag_len = MAX_TAG_VAL_LENGTH
+        self._batch = MAX_PARAMS_TAGS_PER_BATCH
+        self._metric_batch = MAX_METRICS_PER_BATCH
+        self._closed = False
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        db_path = _local_sqlite_path(self.tracking_uri)
+        if db_path is not None:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.client: MlflowClient = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+
+        run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or None
+        parent_run_id = parent_run_id or os.environ.get("MLFLOW_PARENT_RUN_ID") or None
+        if run_id is not None:
+            run = self.client.get_run(run_id)  # raises MlflowException naming the id if it does not exist
+            self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            self._run_id: str = run.info.run_id
+            self.experiment_id: str = run.info.experiment_id
+            self._known_params: dict[str, str] = dict(run.data.params)
+            self.set_tags(dict(tags or {}))
+            logger.info("MLflow: continuing run %s (%s)", self._run_id, self.tracking_uri)
+            return
+
+        if parent_run_id is not None:
+            self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+        else:
+            name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or TrackingConfig().experiment
+            self.experiment_id = self._get_or_create_experiment(name, db_path)
+        all_tags = redact(resolve_tags(dict(tags or {})))  # adds mlflow.user / mlflow.source.* like start_run
+        if parent_run_id is not None:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        if run_name is not None:
+            all_tags[MLFLOW_RUN_NAME] = run_name
+        run = self.client.create_run(self.experiment_id, tags=self._tag_values(all_tags), run_name=run_name)
+        self._run_id = run.info.run_id
+        self._known_params = {}
+        logger.info("MLflow: run %s in experiment %s (%s)", self._run_id, self.experiment_id, self.tracking_uri)
+
+    def _get_or_create_experiment(self, name: str, db_path: Path | None) -> str:
+        """Experiment id for ``name``, creating it (artifacts next to a local sqlite db) when missing."""
+        from mlflow.exceptions import MlflowException
+
+        existing = self.client.get_experiment_by_name(name)
+        if existing is None:
+            location = None
+            if db_path is not None:
+                folder = re.sub(r"[^\w.-]+", "_", name)
+                location = (db_path.parent.resolve() / "artifacts" / folder).as_uri()
+            try:
+                return self.client.create_experiment(name, artifact_location=location)
+            except MlflowException:  # another process created it between our lookup and create
+                existing = self.client.get_experiment_by_name(name)
+                if existing is None:
+                    raise
+        if existing.lifecycle_stage != "active":
+            raise ValueError(
+                f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore --experiment-id "
+                f"{existing.experiment_id}`) or set tracking.experiment to another name."
+            )
+        return existing.experiment_id
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    def log_config(self, cfg: Any) -> None:
+        """Log a config dataclass as flattened params (``ntp.lr``) plus the resolved YAML as ``config.yaml``."""
+        import yaml
+
+        tree = redact(to_dict(cfg))
+        self.log_params(flatten(tree))
+        self.client.log_text(self._run_id, yaml.safe_dump(tree, sort_keys=False), CONFIG_ARTIFACT)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params in batches of MLflow's limit; long values are truncated (the full config is an artifact).
+
+        MLflow refuses to change a param of a run. Re-logging an identical value is skipped; a different value (a
+        resumed run with new settings) is skipped with a warning instead of failing the stage.
+        """
+        from mlflow.entities import Param
+
+        new: dict[str, str] = {}
+        for key, value in redact(params).items():
+            text = _truncate(_param_value(value), self._max_param_len)
+            old = self._known_params.get(key)
+            if old == text:
+                continue
+            if old is not None:
+                logger.warning("MLflow param %r is already %r in run %s; not changing it to %r", key, old,
+                               self._run_id, text)
+                continue
+            new[key] = text
+        items = [Param(k, v) for k, v in new.items()]
+        for start in range(0, len(items), self._batch):
+            self.client.log_batch(self._run_id, params=items[start : start + self._batch])
+        self._known_params.update(new)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log scalar metrics (floats, ints or 0-d tensors) at ``step``; names keep their slashes."""
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        items = []
+        for key, value in metrics.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"metric {key!r} has a non-scalar value {value!r}; log a float") from exc
+            if not math.isfinite(number):
+                logger.warning("metric %s=%s at step %d is not finite", key, number, step)
+            items.append(Metric(key, number, timestamp, int(step)))
+        for start in range(0, len(items), self._metric_batch):
+            self.client.log_batch(self._run_id, metrics=items[start : start + self._metric_batch])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Copy one file into the run's artifacts (under ``artifact_path`` if given)."""
+        self.client.log_artifact(self._run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        """Copy a directory's contents into the run's artifacts (under ``artifact_path`` if given)."""
+        self.client.log_artifacts(self._run_id, str(directory), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values stringified, secrets redacted)."""
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v) for k, v in self._tag_values(redact(tags)).items()]
+        for start in range(0, len(items), self._batch):
+            self.client.log_batch(self._run_id, tags=items[start : start + self._batch])
+
+    def _tag_values(self, tags: Mapping[str, Any]) -> dict[str, str]:
+        return {k: _truncate(_param_value(v), self._max_tag_len) for k, v in tags.items() if v is not None}
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the run with ``FINISHED``, ``FAILED`` or ``KILLED``; later calls do nothing."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status {status!r}; use one of {', '.join(RUN_STATUSES)}")
+        if self._closed:
+            return
+        self._closed = True
+        self.client.set_terminated(self._run_id, status=status)
+        logger.info("MLflow: run %s %s", self._run_id, status)
+
+
+def make_tracker(
+    cfg: RunConfig,
+    stage: str,
+    extra_tags: Mapping[str, Any] | None = None,
+    *,
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
+) -> Tracker:
+    """The tracker a stage should use for ``cfg``.
+
+    ``tracking.backend=none`` and processes with ``$RANK`` != 0 get a :class:`NullTracker`. Otherwise an
+    :class:`MlflowTracker` run named ``{cfg.name}-{stage}`` with tags ``refine.stage``, ``refine.run_name``,
+    ``refine.git_commit`` (when known), ``cfg.tracking.tags`` and ``extra_tags`` (e.g. a data fingerprint).
+
+    The experiment is ``tracking.experiment``; when that is left at its default (``refine``),
+    ``$MLFLOW_EXPERIMENT_NAME`` wins so a deployment can group runs without editing configs.
+
+    Args:
+        cfg: the run configuration.
+        stage: the stage name (``train-ntp``).
+        extra_tags: more tags for this run.
+        parent_run_id: nest this run under a pipeline's parent run (else ``$MLFLOW_PARENT_RUN_ID``, if set).
+        run_id: continue an existing run (else ``$MLFLOW_RUN_ID``, if set).
+    """
+    if cfg.tracking.backend == "none" or int(os.environ.get("RANK", "0") or 0) != 0:
+        return NullTracker()
+    tags: dict[str, Any] = {"refine.stage": stage, "refine.run_name": cfg.name}
+    commit = runtime.git_commit()
+    if commit:
+        tags["refine.git_commit"] = commit
+    tags.update(cfg.tracking.tags)
+    tags.update(extra_tags or {})
+    experiment: str | None = cfg.tracking.experiment
+    if experiment == TrackingConfig().experiment and os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        experiment = None  # let the environment choose
+    return MlflowTracker(
+        experiment=experiment,
+        tracking_uri=cfg.tracking.tracking_uri,
+        run_name=f"{cfg.name}-{stage}",
+        tags=tags,
+        parent_run_id=parent_run_id,
+        run_id=run_id,
+    )

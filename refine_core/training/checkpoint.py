@@ -1,0 +1,262 @@
+"""Atomic, resumable training checkpoints.
+
+Layout under ``root`` (``RunConfig.checkpoint_dir``)::
+
+    root/
+      step_00000050/
+        config.json, model.safetensors, ...   # whatever ``write_fn`` wrote (the model in HF layout)
+        trainer_state.pt                      # optimizer/scheduler state, data position, RNG, step, ...
+        COMPLETE                              # {"step": 50, "time": "..."}: written last; no marker = not a checkpoint
+      step_00000100/ ...
+      .tmp-step_00000150-<uuid>/              # being written (or left by a crash; removed by the next save)
+
+A save writes everything into a ``.tmp-*`` directory, fsyncs it, renames it to ``step_{step:08d}`` and only then
+writes ``COMPLETE``. A crash at any point leaves either no new directory, a ``.tmp-*`` directory or a ``step_*``
+directory without the marker; :meth:`CheckpointManager.latest` ignores all three. When a step is saved again, the
+old directory of that step is first renamed to ``.replaced-step_*-<uuid>`` (marker and all) and counts as complete
+until the new one has its marker, so the root is never without a complete checkpoint.
+
+``trainer_state.pt`` holds only what ``torch.load(..., weights_only=True)`` accepts (tensors, dicts, lists, tuples,
+numbers, str, None); :meth:`CheckpointManager.save` checks that before writing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+TRAINER_STATE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_REPLACED_DIR = re.compile(r"^\.replaced-step_(\d{8,})-[0-9a-f]+$")
+_TMP_PREFIX = ".tmp-"
+# Types ``torch.load(weights_only=True)`` reads back without extra allow-listing.
+_PLAIN = (str, int, float, bool, type(None), torch.Size, torch.dtype, torch.device)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or holds something that cannot be saved safely."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a directory's entries (renames, new files). Directories cannot be opened for fsync on Windows."""
+    if os.name != "posix":
+        return
+    _fsync_file(path)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_file(Path(dirpath) / name)
+        _fsync_dir(Path(dirpath))
+
+
+def _check_weights_only(obj: Any, where: str) -> None:
+    """Raise if ``obj`` holds something ``torch.load(weights_only=True)`` would refuse.
+
+    Types are matched exactly: subclasses such as ``numpy.float64`` (a ``float``), ``defaultdict`` or named tuples
+    pickle as their own class and are refused at load time.
+    """
+    if type(obj) in _PLAIN or isinstance(obj, torch.Tensor):
+        return
+    if type(obj) in (dict, OrderedDict):
+        for key, value in obj.items():
+            if type(key) not in (str, int):
+                raise CheckpointError(f"{where} has a key {key!r} of type {type(key).__name__}; use str or int keys.")
+            _check_weights_only(value, f"{where}[{key!r}]")
+        return
+    if type(obj) in (list, tuple):
+        for index, value in enumerate(obj):
+            _check_weights_only(value, f"{where}[{index}]")
+        return
+    raise CheckpointError(
+        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which torch.load(weights_only=True) cannot "
+        "read back; store it as tensors, lists, dicts, numbers or strings (e.g. runtime.capture_rng_state() for RNG "
+        "state, .tolist() / torch.from_numpy() for numpy values)."
+    )
+
+
+class CheckpointManager:
+    """Writes, finds and prunes checkpoints under ``root``; one writer per ``root`` at a time.
+
+    Args:
+        root: the checkpoint directory (created on the first save).
+        keep: how many complete checkpoints to keep (>= 1); older ones are deleted after each save.
+    """
+
+    def __init__(self, root: str | Path, keep: int) -> None:
+        if keep < 1:
+            raise ValueError(f"keep={keep}: at least one checkpoint must be kept; set ntp.keep_checkpoints >= 1.")
+        self.root = Path(root)
+        self.keep = keep
+
+    @staticmethod
+    def is_complete(path: str | Path) -> bool:
+        """Whether ``path`` is a checkpoint directory whose ``COMPLETE`` marker was written."""
+        return (Path(path) / MARKER).is_file()
+
+    def _complete_by_step(self) -> dict[int, Path]:
+        """Complete checkpoints by step; a ``.replaced-*`` copy stands in only while its step has no complete dir."""
+        found: dict[int, Path] = {}
+        replaced: dict[int, Path] = {}
+        if not self.root.is_dir():
+            return found
+        for child in self.root.iterdir():
+            if not child.is_dir() or not self.is_complete(child):
+                continue
+            if match := _STEP_DIR.match(child.name):
+                found[int(match.group(1))] = child
+            elif match := _REPLACED_DIR.match(child.name):
+                replaced[int(match.group(1))] = child
+        for step, path in replaced.items():
+            found.setdefault(step, path)
+        return found
+
+    def list_complete(self) -> list[Path]:
+        """Complete checkpoints, oldest step first."""
+        by_step = self._complete_by_step()
+        return [by_step[step] for step in sorted(by_step)]
+
+    def latest(self) -> Path | None:
+        """The complete checkpoint with the highest step, or ``None`` if there is none."""
+        complete = self.list_complete()
+        return complete[-1] if complete else None
+
+    def save(self, step: int, write_fn: Callable[[Path], None], trainer_state: dict[str, Any]) -> Path:
+        """Write checkpoint ``step`` atomically and prune old ones.
+
+        Args:
+            step: the optimizer step the state corresponds to (>= 0).
+            write_fn: called with an empty directory; writes the model (HF layout) and anything else into it.
+            trainer_state: optimizer/scheduler state dicts, data position, RNG state, ... (weights_only-loadable).
+                ``step`` is added; if present it must equal ``step``.
+
+        Returns:
+            The final checkpoint directory ``root/step_{step:08d}``.
+        """
+        if step < 0:
+            raise ValueError(f"step={step} must be >= 0")
+        if trainer_state.get("step", step) != step:
+            raise CheckpointError(f"trainer_state['step']={trainer_state['step']} disagrees with step={step}")
+        state = {**trainer_state, "step": step}
+        _check_weights_only(state, "trainer_state")
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._recover_replaced()
+        final = self.root / step_dir_name(step)
+        tmp = self.root / f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            write_fn(tmp)
+            if (tmp / TRAINER_STATE).exists() or (tmp / MARKER).exists():
+                raise CheckpointError(f"write_fn wrote {TRAINER_STATE} or {MARKER}; those names are reserved.")
+            torch.save(state, tmp / TRAINER_STATE)
+            _fsync_tree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+        replaced = None
+        if final.exists():
+            if self.is_complete(final):
+                # Park the old copy under a name latest() still trusts until the new one is marked complete.
+                replaced = self.root / f".replaced-{final.name}-{uuid.uuid4().hex}"
+                os.replace(final, replaced)
+            else:
+                shutil.rmtree(final)  # a crash left it without its marker: it was never a checkpoint
+            _fsync_dir(self.root)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        self._write_marker(final, step)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+        logger.info("saved checkpoint %s", final)
+        self._prune(keep_also=final)
+        return final
+
+    @staticmethod
+    def _write_marker(directory: Path, step: int) -> None:
+        marker_tmp = directory / f"{MARKER}.tmp"
+        marker_tmp.write_text(json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                          "unix_time": time.time()}))
+        _fsync_file(marker_tmp)
+        os.replace(marker_tmp, directory / MARKER)
+        _fsync_dir(directory)
+
+    def _recover_replaced(self) -> None:
+        """After a crash mid-replacement, move a parked complete copy back where its step directory belongs."""
+        for child in list(self.root.iterdir()):
+            match = _REPLACED_DIR.match(child.name)
+            if not match or not child.is_dir():
+                continue
+            final = self.root / step_dir_name(int(match.group(1)))
+            if self.is_complete(final) or not self.is_complete(child):
+                shutil.rmtree(child, ignore_errors=True)
+                continue
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(child, final)
+            _fsync_dir(self.root)
+            logger.warning("recovered checkpoint %s from an interrupted replacement", final)
+
+    def _prune(self, keep_also: Path) -> None:
+        """Delete complete checkpoints beyond the newest ``keep``, incomplete ``step_*`` dirs and ``.tmp-*`` dirs."""
+        complete = self.list_complete()
+        keep = set(complete[-self.keep :]) | {keep_also}
+        for path in complete:
+            if path not in keep:
+                logger.info("pruning checkpoint %s", path)
+                shutil.rmtree(path, ignore_errors=True)
+        for child in self.root.iterdir():
+            stale_tmp = child.name.startswith(_TMP_PREFIX)
+            incomplete = bool(_STEP_DIR.match(child.name)) and not self.is_complete(child)
+            if child.is_dir() and (stale_tmp or incomplete):
+                logger.info("removing leftover %s", child)
+                shutil.rmtree(child, ignore_errors=True)
+
+    @staticmethod
+    def load_trainer_state(path: str | Path) -> dict[str, Any]:
+        """Read ``trainer_state.pt`` of a complete checkpoint with ``weights_only=True`` onto the CPU.
+
+        Args:
+            path: a checkpoint directory (e.g. from :meth:`latest`).
+
+        Returns:
+            The dict passed to :meth:`save`, plus ``step``.
+        """
+        path = Path(path)
+        if not CheckpointManager.is_complete(path):
+            raise CheckpointError(
+                f"{path} has no {MARKER} marker, so it is not a complete checkpoint (an interrupted save, or not a "
+                "checkpoint directory); resume from CheckpointManager(root, keep).latest() instead."
+            )
+        state = torch.load(path / TRAINER_STATE, weights_only=True, map_location="cpu")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path / TRAINER_STATE} holds a {type(state).__name__}, expected a dict")
+        return state
