@@ -1,0 +1,63 @@
+"""What every training stage sets up the same way: the tokenizer of the prepared data and the model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from refine_core.config import ConfigError, RunConfig
+from refine_core.models import FastWeightForCausalLM, build_model, config_from_dict, load_pretrained
+from refine_core.tokenizer import Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def prepared_tokenizer(cfg: RunConfig) -> Tokenizer:
+    """The tokenizer that ``refine prepare-data`` saved next to the shards (so every stage uses the same one)."""
+    path = cfg.prepared_dir / "tokenizer"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no prepared data at {cfg.prepared_dir} (missing {path}); run `refine prepare-data --config ...` first "
+            "or set data.prepared_dir"
+        )
+    return load_tokenizer(str(path), cfg.model.cache_dir)
+
+
+def build_or_load_model(cfg: RunConfig, tokenizer: Tokenizer, device: torch.device) -> FastWeightForCausalLM:
+    """Load ``cfg.model.source`` or build a fresh ``cfg.model.arch``; float32 master weights on ``device``."""
+    if cfg.model.source is not None:
+        model = load_pretrained(
+            cfg.model.source,
+            cache_dir=Path(cfg.model.cache_dir).expanduser(),
+            dtype=torch.float32,
+            device=device,
+            config_overrides=cfg.model.config or None,
+        )
+    else:
+        fields = {
+            "model_type": cfg.model.arch,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            **cfg.model.config,
+        }
+        try:
+            config = config_from_dict(fields)
+        except TypeError as exc:
+            raise ConfigError(f"model.config: {exc}") from exc
+        if config.extra:
+            raise ConfigError(
+                f"model.config has fields {sorted(config.extra)} that {cfg.model.arch} does not use; check the "
+                "spelling against fla's config names (hidden_size, num_hidden_layers, num_heads, ...)"
+            )
+        model = build_model(config).to(device)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model.config.vocab_size}; use the checkpoint's own tokenizer or raise model.config.vocab_size"
+        )
+    logger.info("model %s: %.2fM parameters on %s", model.config.model_type, model.num_parameters() / 1e6, device)
+    return model
