@@ -57,7 +57,7 @@ def test_our_checkpoint_loads_into_fla_and_gives_the_same_logits(tmp_path):
     torch.manual_seed(0)
     model = build_model(_config("delta_net")).cuda().eval()
     save_pretrained(model, tmp_path / "ckpt")
-    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", torch_dtype=torch.float32).cuda().eval()
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).cuda().eval()
     assert set(theirs.state_dict()) == set(model.state_dict())
     ids = torch.randint(0, VOCAB, (2, 300), device="cuda")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
