@@ -45,6 +45,9 @@ STAGES: dict[str, Stage] = {
         tracked=False,
     ),
     "train-ntp": Stage("refine_core.stages.train_ntp", "train_ntp", "next-token-prediction training (the baseline)"),
+    "train-refine": Stage(
+        "refine_core.stages.train_refine", "train_refine", "REFINE mid-training (refine.nsp_update=false: NTP baseline)"
+    ),
 }
 
 

@@ -154,6 +154,115 @@ class NTPConfig:
 
 
 @dataclass
+class RefineConfig:
+    """The REFINE inner step and the mid-training loop around it. Defaults are the paper's mid-training run
+    (spec §3); the official flag each field replaces is named in its comment."""
+
+    steps: int = 100
+    # Documents per step (data.train_batch_size) and per optimizer step (ttt_ppo_mini_batch_size): 128 / 32 gives
+    # 4 optimizer steps per step (spec §2 step 6.1). Micro-batches only bound memory; they never change the loss.
+    batch_size: int = 128
+    mini_batch_size: int = 32
+    micro_batch_size: int = 2
+    # Positions: M chunks (ttt_n_chunks), one position each, chosen by ttt_sampling over the NTP entropy smoothed
+    # by a centred window (spec §2 step 1); at least ``margin`` real tokens before and after every cut.
+    num_chunks: int = 8
+    selection: str = "entropy"
+    entropy_window: int = 5
+    margin: int = 20
+    # Rollouts: G per position (ttt_n) of k tokens (ttt_response_length) at temperature ttt_temperature.
+    rollouts_per_position: int = 1
+    rollout_tokens: int = 5
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # EOS cannot end a rollout early (min_new_tokens = k in the official code).
+    block_eos: bool = True
+    # GRPO groups: ``document`` (the M·G rollouts of one document; the paper, G = 1) or ``position`` (the G
+    # rollouts of one prefix). Rewards: ``cosine``, ``exact_match`` or ``hybrid`` (spec §2 step 4).
+    grouping: str = "document"
+    reward: str = "cosine"
+    # PPO-clip (spec §2 step 6.3): clip ε, dual clip c (null disables), clamp of the log-ratio.
+    clip_eps: float = 0.2
+    dual_clip: float | None = 3.0
+    log_ratio_clamp: float = 20.0
+    # 𝓛 = ntp_loss_coef · NTP + nsp_loss_coef · PPO (ttt_sft_loss_coef / ttt_ppo_loss_coef) + kl_coef · KL.
+    ntp_loss_coef: float = 1.0
+    nsp_loss_coef: float = 0.2
+    # KL to the frozen starting model: not in the paper (0 = off, no reference model is kept).
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    # ``false`` trains the NTP-only baseline with the same data (the paper's "SFT MidTr" arm).
+    nsp_update: bool = True
+    # NTP-only baseline schedule: ``matched`` takes one optimizer step per mini-batch like REFINE; ``official``
+    # takes one per batch, i.e. 4x fewer, as the official baseline did (spec §10.7).
+    baseline_schedule: str = "matched"
+    # ``branch``: rollouts continue from the recurrent state of one pass over each document; ``faithful``: every
+    # rollout re-encodes its own prefix, as the official code does (same result; see refine_core/algorithm).
+    engine: str = "branch"
+    # ``faithful`` only: left-pad every rollout prefix to the full document length, as the official code does.
+    pad_prefix_to_full_length: bool = False
+    mask_pad_in_loss: bool = True
+    # AdamW and schedule (spec §3: lr 1e-6, betas (0.9, 0.999), wd 0.01, constant, clip 1.0). The scheduler steps
+    # once per REFINE step, not per optimizer step.
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    log_every: int = 1
+    eval_every: int = 10
+    eval_max_docs: int = 32
+    save_every: int = 20
+    keep_checkpoints: int = 2
+    resume: bool = False
+    stop_after: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "batch_size",
+            "mini_batch_size",
+            "micro_batch_size",
+            "num_chunks",
+            "rollouts_per_position",
+            "rollout_tokens",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"refine.{name}={getattr(self, name)} must be >= 1.")
+        if self.batch_size % self.mini_batch_size or self.mini_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"refine.batch_size={self.batch_size}, mini_batch_size={self.mini_batch_size} and "
+                f"micro_batch_size={self.micro_batch_size} must each divide the one before."
+            )
+        choices = {
+            "selection": ("entropy", "argmax", "argmin", "uniform"),
+            "grouping": ("document", "position"),
+            "reward": ("cosine", "exact_match", "hybrid"),
+            "kl_kind": ("k1", "k2", "k3"),
+            "baseline_schedule": ("matched", "official"),
+            "engine": ("branch", "faithful"),
+            "lr_schedule": ("constant", "cosine", "linear"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"refine.{name}={getattr(self, name)!r}; use one of {', '.join(allowed)}.")
+        if self.margin < self.rollout_tokens:
+            raise ConfigError(
+                f"refine.margin={self.margin} must be >= refine.rollout_tokens={self.rollout_tokens}: the true "
+                "continuation of every rollout has to exist."
+            )
+        if self.temperature <= 0:
+            raise ConfigError("refine.temperature must be > 0 (rollouts are sampled).")
+        if min(self.ntp_loss_coef, self.nsp_loss_coef, self.kl_coef) < 0:
+            raise ConfigError("refine loss coefficients must be >= 0.")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError(f"refine.warmup_steps={self.warmup_steps} must be in [0, refine.steps={self.steps}].")
+
+
+@dataclass
 class TrackingConfig:
     """Experiment tracking. ``mlflow`` with no URI uses an embedded store: ``sqlite:///mlruns/mlflow.db``."""
 
@@ -185,6 +294,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ntp: NTPConfig = field(default_factory=NTPConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
@@ -195,9 +305,9 @@ class RunConfig:
     def prepared_dir(self) -> Path:
         return Path(self.data.prepared_dir or Path(self.output_dir) / "data")
 
-    @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.output_dir) / "checkpoints"
+    def stage_dir(self, stage: str) -> Path:
+        """Where a stage writes its checkpoints and final model: ``{output_dir}/{stage}``."""
+        return Path(self.output_dir) / stage
 
 
 def to_dict(cfg: Any) -> Any:

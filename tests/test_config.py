@@ -32,7 +32,7 @@ def test_defaults_without_file() -> None:
     cfg = load_config()
     assert isinstance(cfg, RunConfig)
     assert cfg == RunConfig()
-    assert cfg.checkpoint_dir == Path("runs/default/checkpoints")
+    assert cfg.stage_dir("train-ntp") == Path("runs/default/train-ntp")
     assert cfg.prepared_dir == Path("runs/default/data")
 
 

@@ -57,6 +57,27 @@ class FastWeightCache:
         """Each row repeated ``repeats`` times (``[a, b] -> [a, a, b, b]``): G rollouts from one prefix."""
         return self.map(lambda t: t.repeat_interleave(repeats, dim=0))
 
+    @staticmethod
+    def cat(caches: list[FastWeightCache]) -> FastWeightCache:
+        """Stack the rows of several caches of the same model into one batch (e.g. one prefix per cut point)."""
+        if not caches:
+            raise ValueError("FastWeightCache.cat needs at least one cache")
+        layers = []
+        for states in zip(*(c.layers for c in caches), strict=True):
+            rec = [s.recurrent_state for s in states]
+            conv = [s.conv_states for s in states]
+            layers.append(
+                LayerState(
+                    recurrent_state=None if rec[0] is None else torch.cat(rec, dim=0),
+                    conv_states=None
+                    if conv[0] is None
+                    else tuple(
+                        None if parts[0] is None else torch.cat(parts, dim=0) for parts in zip(*conv, strict=True)
+                    ),
+                )
+            )
+        return FastWeightCache(layers=layers, seen_tokens=max(c.seen_tokens for c in caches))
+
     @property
     def batch_size(self) -> int:
         for layer in self.layers:

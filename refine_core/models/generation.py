@@ -67,12 +67,26 @@ def process_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return logits
 
 
-def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from ``[B, V]`` logits (already EOS-masked when needed)."""
+def pick_tokens(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token per row from ``[B, V]`` logits (already EOS-masked when needed).
+
+    With ``uniforms`` (``[B]`` in [0, 1)) a row's token is the inverse CDF of its distribution at its own uniform,
+    so each row's draw depends only on that row: sampling is the same whether a row is decoded alone or in a
+    batch, in any order (REFINE's two rollout engines batch rollouts differently and must sample the same ones).
+    """
     if not cfg.do_sample:
         return logits.argmax(-1)
     probs = process_logits(logits, cfg).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if uniforms is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum(-1)
+    u = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -86,6 +100,7 @@ def generate(
     generator: torch.Generator | None = None,
     cache: FastWeightCache | None = None,
     next_logits: torch.Tensor | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> GenerationOutput:
     """Continue each row of ``input_ids`` by up to ``sampling.max_new_tokens`` tokens.
 
@@ -100,6 +115,8 @@ def generate(
         generator: RNG for sampling; on the model's device.
         cache: state before ``input_ids`` (not modified).
         next_logits: ``[B, V]`` logits for the first new token when ``input_ids`` is empty.
+        uniforms: ``[B, max_new_tokens]`` per-row random numbers for batch-invariant sampling (see
+            :func:`pick_tokens`); overrides ``generator``.
 
     Returns:
         The new tokens, their lengths, and the cache after feeding all but the last new token.
@@ -122,7 +139,7 @@ def generate(
         if eos_token_id is not None and step < cfg.min_new_tokens:
             logits = logits.clone()
             logits[:, eos_token_id] = float("-inf")
-        new = pick_tokens(logits, cfg, generator)
+        new = pick_tokens(logits, cfg, generator, None if uniforms is None else uniforms[:, step])
         new = torch.where(finished, torch.full_like(new, pad), new)
         tokens[:, step] = new
         if eos_token_id is not None:

@@ -73,8 +73,11 @@ def tokenizer_spec(model: ModelConfig) -> str:
     if spec is None:
         raise ValueError("model.tokenizer is null and model.source is not set: set model.tokenizer (e.g. 'byte').")
     if model.source is not None and model.tokenizer == "byte":
-        logger.warning("model.source=%s is set but model.tokenizer='byte'; set model.tokenizer=null to use the "
-                       "checkpoint's own tokenizer", model.source)
+        logger.warning(
+            "model.source=%s is set but model.tokenizer='byte'; set model.tokenizer=null to use the "
+            "checkpoint's own tokenizer",
+            model.source,
+        )
     return spec
 
 
@@ -127,8 +130,13 @@ def prepare_data(cfg: RunConfig) -> PrepareResult:
     out = cfg.prepared_dir
     spec = tokenizer_spec(cfg.model)
     tokenizer = load_tokenizer(spec, cfg.model.cache_dir)
-    logger.info("preparing data into %s with tokenizer %r (vocab %d, fingerprint %s)", out, tokenizer.name,
-                tokenizer.vocab_size, tokenizer.fingerprint()[:12])
+    logger.info(
+        "preparing data into %s with tokenizer %r (vocab %d, fingerprint %s)",
+        out,
+        tokenizer.name,
+        tokenizer.vocab_size,
+        tokenizer.fingerprint()[:12],
+    )
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
@@ -143,10 +151,17 @@ def prepare_data(cfg: RunConfig) -> PrepareResult:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     counts = {split: info["num_docs"] for split, info in manifest["splits"].items()}
-    stats = {**manifest["counts"],
-             "token_lengths": {split: info["token_lengths"] for split, info in manifest["splits"].items()}}
-    logger.info("prepared %s: %d train / %d eval documents, %d tokens kept", out, counts["train"], counts["eval"],
-                manifest["counts"]["tokens_kept"])
+    stats = {
+        **manifest["counts"],
+        "token_lengths": {split: info["token_lengths"] for split, info in manifest["splits"].items()},
+    }
+    logger.info(
+        "prepared %s: %d train / %d eval documents, %d tokens kept",
+        out,
+        counts["train"],
+        counts["eval"],
+        manifest["counts"]["tokens_kept"],
+    )
     return PrepareResult(prepared_dir=out, counts=counts, stats=stats, manifest_path=out / MANIFEST_FILE)
 
 
@@ -156,13 +171,24 @@ def _write_splits(cfg: RunConfig, tokenizer: Tokenizer, spec: str, tmp: Path) ->
     train = ShardWriter(tmp, "train", data.shard_docs)
     # Max-heap (by negated key) of the held-out candidates: (-key, -kept_index, doc_id, tokens).
     held: list[tuple[int, int, str, np.ndarray]] = []
-    counts = {"docs_read": 0, "docs_kept": 0, "docs_too_short": 0, "docs_truncated": 0, "tokens_read": 0,
-              "tokens_kept": 0, "longest_doc_tokens": 0}
+    counts = {
+        "docs_read": 0,
+        "docs_kept": 0,
+        "docs_too_short": 0,
+        "docs_truncated": 0,
+        "tokens_read": 0,
+        "tokens_kept": 0,
+        "longest_doc_tokens": 0,
+    }
     source_entries = []
     last_log = time.monotonic()
     for source_index, source in enumerate(data.sources):
-        entry = {"path": source.path, "fingerprint": sources_lib.fingerprint(source, cfg.model.cache_dir),
-                 "docs_read": 0, "docs_kept": 0}
+        entry = {
+            "path": source.path,
+            "fingerprint": sources_lib.fingerprint(source, cfg.model.cache_dir),
+            "docs_read": 0,
+            "docs_kept": 0,
+        }
         docs = sources_lib.iter_documents(source, cfg.model.cache_dir)
         while chunk := list(itertools.islice(docs, _ENCODE_BATCH)):
             for doc, ids in zip(chunk, tokenizer.encode_batch([d.text for d in chunk]), strict=True):
@@ -177,8 +203,12 @@ def _write_splits(cfg: RunConfig, tokenizer: Tokenizer, spec: str, tmp: Path) ->
                     counts["docs_truncated"] += 1
                     ids = ids[: data.max_tokens]  # spec §1: keep the first tokens
                 doc_id = f"{source_index}/{doc.id}"
-                item = (-_split_key(data.split_seed, doc_id), -counts["docs_kept"], doc_id,
-                        np.asarray(ids, dtype=np.int32))
+                item = (
+                    -_split_key(data.split_seed, doc_id),
+                    -counts["docs_kept"],
+                    doc_id,
+                    np.asarray(ids, dtype=np.int32),
+                )
                 counts["docs_kept"] += 1
                 entry["docs_kept"] += 1
                 counts["tokens_kept"] += len(ids)
@@ -190,8 +220,12 @@ def _write_splits(cfg: RunConfig, tokenizer: Tokenizer, spec: str, tmp: Path) ->
                 train.add(item[2], item[3])
             if time.monotonic() - last_log > _LOG_EVERY_S:
                 last_log = time.monotonic()
-                logger.info("read %d documents, kept %d (%d tokens)", counts["docs_read"], counts["docs_kept"],
-                            counts["tokens_kept"])
+                logger.info(
+                    "read %d documents, kept %d (%d tokens)",
+                    counts["docs_read"],
+                    counts["docs_kept"],
+                    counts["tokens_kept"],
+                )
         logger.info("source %s: read %d documents, kept %d", source.path, entry["docs_read"], entry["docs_kept"])
         source_entries.append(entry)
 
@@ -217,12 +251,21 @@ def _write_splits(cfg: RunConfig, tokenizer: Tokenizer, spec: str, tmp: Path) ->
         "refine_core_version": refine_core.__version__,
         "splits": splits,
         "counts": counts,
-        "tokenizer": {"spec": spec, "name": tokenizer.name, "fingerprint": tokenizer.fingerprint(),
-                      "vocab_size": tokenizer.vocab_size, "pad_token_id": tokenizer.pad_token_id,
-                      "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
-                      "dir": TOKENIZER_DIR},
+        "tokenizer": {
+            "spec": spec,
+            "name": tokenizer.name,
+            "fingerprint": tokenizer.fingerprint(),
+            "vocab_size": tokenizer.vocab_size,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "dir": TOKENIZER_DIR,
+        },
         "sources": source_entries,
-        "held_out": {"method": "smallest sha256(f'{split_seed}:{doc_id}')", "split_seed": data.split_seed,
-                     "eval_docs": data.eval_docs},
+        "held_out": {
+            "method": "smallest sha256(f'{split_seed}:{doc_id}')",
+            "split_seed": data.split_seed,
+            "eval_docs": data.eval_docs,
+        },
         "data_config": to_dict(data),
     }

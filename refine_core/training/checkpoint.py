@@ -1,6 +1,6 @@
 """Atomic, resumable training checkpoints.
 
-Layout under ``root`` (``RunConfig.checkpoint_dir``)::
+Layout under ``root`` (``{output_dir}/{stage}/checkpoints``, see ``refine_core.training.session``)::
 
     root/
       step_00000050/
@@ -203,8 +203,9 @@ class CheckpointManager:
     @staticmethod
     def _write_marker(directory: Path, step: int) -> None:
         marker_tmp = directory / f"{MARKER}.tmp"
-        marker_tmp.write_text(json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                          "unix_time": time.time()}))
+        marker_tmp.write_text(
+            json.dumps({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "unix_time": time.time()})
+        )
         _fsync_file(marker_tmp)
         os.replace(marker_tmp, directory / MARKER)
         _fsync_dir(directory)

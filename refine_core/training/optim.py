@@ -13,13 +13,28 @@ The schedule is a pure function of the step, :func:`lr_multiplier`, wrapped in a
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from refine_core.config import NTPConfig
+logger = logging.getLogger(__name__)
+
+
+class OptimSettings(Protocol):
+    """The optimiser fields shared by the ``ntp`` and ``refine`` config sections."""
+
+    steps: int
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    lr_schedule: str
+    warmup_steps: int
+    min_lr_ratio: float
+    grad_clip: float
 
 
 def _wants_decay(param: nn.Parameter) -> bool:
@@ -27,7 +42,7 @@ def _wants_decay(param: nn.Parameter) -> bool:
     return param.ndim >= 2 and not getattr(param, "_no_weight_decay", False)
 
 
-def build_optimizer(model: nn.Module, cfg: NTPConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimSettings) -> torch.optim.AdamW:
     """AdamW over ``model``'s trainable parameters, in two groups.
 
     Args:
@@ -53,7 +68,7 @@ def build_optimizer(model: nn.Module, cfg: NTPConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def _check_schedule(cfg: NTPConfig) -> None:
+def _check_schedule(cfg: OptimSettings) -> None:
     if cfg.warmup_steps < 0:
         raise ValueError(f"ntp.warmup_steps={cfg.warmup_steps} must be >= 0.")
     if cfg.warmup_steps > cfg.steps:
@@ -62,7 +77,7 @@ def _check_schedule(cfg: NTPConfig) -> None:
         raise ValueError(f"ntp.min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1].")
 
 
-def lr_multiplier(step: int, cfg: NTPConfig) -> float:
+def lr_multiplier(step: int, cfg: OptimSettings) -> float:
     """Factor on ``cfg.lr`` for the update after ``step`` completed updates.
 
     Warm-up: ``(step + 1) / warmup_steps`` for ``step < warmup_steps`` (the first update is not wasted at lr 0).
@@ -89,7 +104,7 @@ def lr_multiplier(step: int, cfg: NTPConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: NTPConfig) -> LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimSettings) -> LambdaLR:
     """``LambdaLR`` applying :func:`lr_multiplier`; its ``state_dict`` is weights_only-loadable.
 
     Args:
@@ -104,3 +119,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: NTPConfig) -> LambdaL
         return lr_multiplier(step, cfg)
 
     return LambdaLR(optimizer, lr_lambda=schedule)
+
+
+def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> tuple[float, bool]:
+    """Clip the gradient norm, then step unless it is not finite (that step is skipped: spec §2 step 6.4).
+
+    Returns the pre-clip gradient norm and whether the optimizer stepped. Gradients are cleared either way.
+    """
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    took = math.isfinite(grad_norm)
+    if took:
+        optimizer.step()
+    else:
+        logger.warning("gradient norm is %s: skipping this optimizer step", grad_norm)
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, took

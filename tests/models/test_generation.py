@@ -105,3 +105,23 @@ def test_invalid_sampling_settings_say_what_is_wrong():
         SamplingConfig(max_new_tokens=4, min_new_tokens=5)
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0)
+
+
+def test_sampling_with_per_row_uniforms_is_batch_invariant():
+    model = tiny_model("gated_deltanet")
+    prompts = torch.randint(2, VOCAB, (4, 7))
+    sampling = SamplingConfig(max_new_tokens=6, do_sample=True, temperature=1.3)
+    uniforms = torch.rand(4, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    batch = generate(model, prompts, sampling=sampling, uniforms=uniforms)
+    for row in (3, 0, 2, 1):
+        alone = generate(model, prompts[row : row + 1], sampling=sampling, uniforms=uniforms[row : row + 1])
+        assert torch.equal(alone.tokens[0], batch.tokens[row])
+
+
+def test_inverse_cdf_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]])).expand(20000, 3)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(1))
+    from refine_core.models.generation import pick_tokens
+
+    counts = torch.bincount(pick_tokens(logits, SamplingConfig(do_sample=True), uniforms=u), minlength=3) / 20000
+    torch.testing.assert_close(counts, torch.tensor([0.1, 0.6, 0.3]), atol=0.015, rtol=0)

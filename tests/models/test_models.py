@@ -91,3 +91,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name])
+
+
+def test_cat_of_caches_continues_each_row_as_before():
+    model = tiny_model("gated_deltanet")
+    a, b = torch.randint(2, VOCAB, (1, 9)), torch.randint(2, VOCAB, (2, 5))
+    ca, cb = model(a, use_cache=True).cache, model(b, use_cache=True).cache
+    nxt = torch.randint(2, VOCAB, (3, 3))
+    joint = model(nxt, cache=FastWeightCache.cat([ca, cb])).logits
+    torch.testing.assert_close(joint[:1], model(nxt[:1], cache=ca).logits)
+    torch.testing.assert_close(joint[1:], model(nxt[1:], cache=cb).logits)

@@ -1,0 +1,360 @@
+"""REFINE's rollouts: where they start, how they are sampled, and their log-probabilities, with two engines.
+
+The inner step (spec §2) needs, for every document and each of its M selected positions r_j:
+
+* the true continuation ``x[r_j : r_j + k]`` and the model's own hidden states on it (the reward target);
+* G sampled continuations ``y`` of k tokens from the prefix ``x[:r_j]``, their log-probabilities under the
+  pre-update model and their hidden states (steps 2-3);
+* later, with gradients, the log-probabilities of ``y`` under the current weights (step 6), flowing back through
+  the whole prefix, i.e. through how the context was written into the fast weights.
+
+Two engines compute the same numbers:
+
+``faithful``
+    What the official code does: every rollout re-encodes its own prefix, once to generate, once for the old
+    log-probs, and once more with gradients (optionally left-padded to the full document length like the
+    official code). Cost: about 3·M·G prefix passes per document on top of the NTP pass.
+``branch``
+    One pass over the document, split at the cut points and carrying the recurrent state across the splits,
+    yields the NTP loss and the state at every cut; rollouts continue from copies of those states. With
+    gradients, the rollout log-probs flow back into the shared document pass. Cost: the NTP pass, one more
+    no-grad pass, and M·G·k decode steps per document. This is exact for DeltaNet-style models, whose whole
+    past is the state (spec §2.3).
+
+Sampling is batch-invariant: every rollout draws its k uniforms from its own generator seeded by
+``(seed, step, document, position, g)``, so both engines (which batch rollouts differently) and a resumed run
+sample the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from refine_core.algorithm.selection import select_positions
+from refine_core.data.batching import left_pad
+from refine_core.models import FastWeightCache, FastWeightForCausalLM, SamplingConfig, generate
+from refine_core.models.ops import token_entropy
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (counter-based seeding: no generator state to carry or checkpoint)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def doc_generator(seed: int, step: int, doc_id: int) -> torch.Generator:
+    """The generator that picks the positions of one document at one step."""
+    return torch.Generator().manual_seed(derive_seed(seed, step, doc_id, 0))
+
+
+def rollout_uniforms(seed: int, step: int, doc_id: int, position: int, sample: int, k: int) -> torch.Tensor:
+    """The k uniforms one rollout samples its tokens with (float64, CPU)."""
+    gen = torch.Generator().manual_seed(derive_seed(seed, step, doc_id, 1 + position, sample))
+    return torch.rand(k, generator=gen, dtype=torch.float64)
+
+
+@dataclass
+class PositionBatch:
+    """Step 1 for a batch of documents: cut points and the true continuations (pre-update model, no grad)."""
+
+    docs: list[torch.Tensor]  # B tensors [L_b] of real tokens (no padding)
+    doc_ids: list[int]  # stable ids (dataset indices) that seed the sampling
+    rollout_start: torch.Tensor  # [B, M] r_j: index (in the unpadded document) of the first rollout token
+    target_tokens: torch.Tensor  # [B, M, k] x[r_j : r_j + k]
+    target_hidden: torch.Tensor  # [B, M, k, D] float32: hidden states after reading each true token
+    chosen_entropy: torch.Tensor  # [B, M] raw NTP entropy at the last prefix token r_j - 1
+    doc_entropy: torch.Tensor  # [B] mean NTP entropy over the document's predictions
+
+
+@dataclass
+class Rollouts:
+    """Steps 2-5: sampled continuations, ordered document-major, then position j, then sample g."""
+
+    doc_index: torch.Tensor  # [N] row in the PositionBatch
+    position_index: torch.Tensor  # [N] j
+    rollout_start: torch.Tensor  # [N] r_j
+    tokens: torch.Tensor  # [N, k] sampled y
+    target_tokens: torch.Tensor  # [N, k]
+    # Pre-update model, temperature-scaled, EOS not masked (spec §10.10); float32 or wider like the states below.
+    old_logp: torch.Tensor  # [N, k]
+    rollout_hidden: torch.Tensor  # [N, k, D] float32, hidden states after reading each y_i
+    target_hidden: torch.Tensor  # [N, k, D] float32
+    group_ids: torch.Tensor  # [N] GRPO groups
+
+    @property
+    def num(self) -> int:
+        return self.tokens.shape[0]
+
+    def subset(self, mask: torch.Tensor) -> Rollouts:
+        return Rollouts(**{name: getattr(self, name)[mask] for name in self.__dataclass_fields__})
+
+
+def _entropies_and_hidden(
+    model: FastWeightForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_tokens: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NTP entropy ``[B, S]`` (float32) and final hidden states ``[B, S, D]`` without ``[B, S, V]`` logits."""
+    hidden = model(input_ids, attention_mask=attention_mask, return_logits=False).hidden_states
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    parts = [token_entropy(model.lm_head(flat[i : i + chunk_tokens])) for i in range(0, flat.shape[0], chunk_tokens)]
+    return torch.cat(parts).view(hidden.shape[:2]).float(), hidden
+
+
+@torch.no_grad()
+def score_positions(
+    model: FastWeightForCausalLM,
+    docs: Sequence[torch.Tensor],
+    doc_ids: Sequence[int],
+    *,
+    num_chunks: int,
+    rollout_tokens: int,
+    selection: str,
+    entropy_window: int,
+    margin: int,
+    seed: int,
+    step: int,
+    pad_id: int,
+    micro_batch_size: int,
+) -> PositionBatch:
+    """Step 0-1 and the targets of step 4: the entropy pass, the chosen cut points, the true continuations."""
+    k = rollout_tokens
+    starts, tgt_tokens, tgt_hidden, chosen, doc_entropy = [], [], [], [], []
+    device = model.device
+    for lo in range(0, len(docs), micro_batch_size):
+        chunk = list(docs[lo : lo + micro_batch_size])
+        ids, mask = left_pad(chunk, pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        entropy, hidden = _entropies_and_hidden(model, ids, mask)
+        # Zero the pads so that the centred average sees the same zeros as for an unpadded document (spec §10.8).
+        entropy = entropy * mask
+        gens = [doc_generator(seed, step, doc_ids[lo + i]) for i in range(len(chunk))]
+        picked = select_positions(
+            entropy.cpu(), mask.cpu(), num_chunks, mode=selection, window=entropy_window, margin=margin, generators=gens
+        )
+        width = ids.shape[1]
+        for i, doc in enumerate(chunk):
+            pad = width - doc.numel()
+            r = picked.rollout_start[i].to(device)  # [M] in padded coordinates
+            offsets = r[:, None] + torch.arange(k, device=device)  # [M, k]
+            starts.append((r - pad).cpu())
+            tgt_tokens.append(ids[i, offsets].cpu())
+            tgt_hidden.append(_fp32_or_wider(hidden[i, offsets]).cpu())
+            chosen.append(picked.chosen_entropy[i].float())
+            # Mean entropy of the document's own predictions (positions 0..L-2, i.e. those with a next token).
+            doc_entropy.append(entropy[i, pad : width - 1].mean().float().cpu())
+    return PositionBatch(
+        docs=[d.cpu() for d in docs],
+        doc_ids=list(doc_ids),
+        rollout_start=torch.stack(starts),
+        target_tokens=torch.stack(tgt_tokens),
+        target_hidden=torch.stack(tgt_hidden),
+        chosen_entropy=torch.stack(chosen),
+        doc_entropy=torch.stack(doc_entropy),
+    )
+
+
+def _fp32_or_wider(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16 activations are promoted, spec §10.18; float64 test models stay float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _token_logp(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) at ``tokens``, in float32 or wider: ``[..., V], [...] -> [...]``."""
+    return F.log_softmax(_fp32_or_wider(logits) / temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def forward_segments(
+    model: FastWeightForCausalLM, doc: torch.Tensor, cuts: Sequence[int]
+) -> tuple[torch.Tensor, dict[int, FastWeightCache]]:
+    """Read one unpadded document ``[L]`` in segments split at ``cuts``, carrying the recurrent state.
+
+    Returns the final hidden states ``[L, D]`` (equal to one pass over the whole document) and the cache after
+    each cut, i.e. the fast weights having read exactly ``doc[:cut]``. Differentiable when grad is enabled.
+    """
+    bounds = sorted(set(int(c) for c in cuts))
+    hidden, caches, cache, start = [], {}, None, 0
+    for end in [*bounds, doc.numel()]:
+        if end > start:
+            out = model(doc[None, start:end], cache=cache, use_cache=True, return_logits=False)
+            hidden.append(out.hidden_states[0])
+            cache, start = out.cache, end
+        if end < doc.numel():
+            caches[end] = cache
+    return torch.cat(hidden), caches
+
+
+def _rollout_index(batch: PositionBatch, group_size: int, grouping: str) -> dict[str, torch.Tensor]:
+    num_docs, m = batch.rollout_start.shape
+    doc = torch.arange(num_docs).repeat_interleave(m * group_size)
+    pos = torch.arange(m).repeat_interleave(group_size).repeat(num_docs)
+    groups = doc if grouping == "document" else doc * m + pos
+    return {
+        "doc_index": doc,
+        "position_index": pos,
+        "rollout_start": batch.rollout_start[doc, pos],
+        "target_tokens": batch.target_tokens[doc, pos],
+        "target_hidden": batch.target_hidden[doc, pos],
+        "group_ids": groups,
+    }
+
+
+@dataclass
+class RolloutSettings:
+    """How rollouts are sampled and scored (a view of :class:`refine_core.config.RefineConfig`)."""
+
+    rollout_tokens: int = 5
+    rollouts_per_position: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    block_eos: bool = True
+    grouping: str = "document"
+    pad_prefix_to_full_length: bool = False
+    micro_batch_size: int = 2
+
+    def sampling(self) -> SamplingConfig:
+        k = self.rollout_tokens
+        return SamplingConfig(
+            max_new_tokens=k,
+            min_new_tokens=k if self.block_eos else 0,
+            do_sample=True,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+        )
+
+
+def _uniforms(batch: PositionBatch, idx: dict[str, torch.Tensor], settings: RolloutSettings, seed: int, step: int):
+    g = settings.rollouts_per_position
+    sample = torch.arange(g).repeat(idx["doc_index"].numel() // g)
+    rows = [
+        rollout_uniforms(seed, step, batch.doc_ids[int(d)], int(p), int(s), settings.rollout_tokens)
+        for d, p, s in zip(idx["doc_index"], idx["position_index"], sample, strict=True)
+    ]
+    return torch.stack(rows)
+
+
+def _prefix_rows(batch: PositionBatch, doc_index: torch.Tensor, start: torch.Tensor) -> list[torch.Tensor]:
+    return [batch.docs[int(d)][: int(r)] for d, r in zip(doc_index, start, strict=True)]
+
+
+def _pad_prefixes(
+    prefixes: list[torch.Tensor], pad_id: int, full_length: int | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = left_pad(prefixes, pad_id, length=full_length)
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample_rollouts(
+    engine: str,
+    model: FastWeightForCausalLM,
+    batch: PositionBatch,
+    settings: RolloutSettings,
+    *,
+    seed: int,
+    step: int,
+    eos_id: int | None,
+    pad_id: int,
+) -> Rollouts:
+    """Steps 2-3: sample G continuations per position and score them under the current (pre-update) model."""
+    idx = _rollout_index(batch, settings.rollouts_per_position, settings.grouping)
+    uniforms = _uniforms(batch, idx, settings, seed, step)
+    sampling = settings.sampling()
+    k, g, device = settings.rollout_tokens, settings.rollouts_per_position, model.device
+    tokens, old_logp, hidden = [], [], []
+    if engine == "faithful":
+        rows_per_micro = settings.micro_batch_size * batch.rollout_start.shape[1] * g
+        full = max(d.numel() for d in batch.docs) if settings.pad_prefix_to_full_length else None
+        for lo in range(0, idx["doc_index"].numel(), rows_per_micro):
+            sl = slice(lo, lo + rows_per_micro)
+            prefixes = _prefix_rows(batch, idx["doc_index"][sl], idx["rollout_start"][sl])
+            ids, mask = _pad_prefixes(prefixes, pad_id, full, device)
+            y = generate(
+                model, ids, mask, sampling, eos_token_id=eos_id, pad_token_id=pad_id, uniforms=uniforms[sl].to(device)
+            ).tokens
+            # Old log-probs and rollout states from a separate pass over prefix + y, as the official code does.
+            out = model(torch.cat([ids, y], 1), attention_mask=torch.cat([mask, torch.ones_like(y)], 1))
+            old_logp.append(_token_logp(out.logits[:, -k - 1 : -1], y, settings.temperature).cpu())
+            hidden.append(_fp32_or_wider(out.hidden_states[:, -k:]).cpu())
+            tokens.append(y.cpu())
+    elif engine == "branch":
+        m = batch.rollout_start.shape[1]
+        for b, doc in enumerate(batch.docs):
+            cuts = batch.rollout_start[b].tolist()
+            doc_hidden, caches = forward_segments(model, doc.to(device), cuts)
+            state = FastWeightCache.cat([caches[c] for c in cuts]).repeat_interleave(g)  # rows (j, g)
+            first = model.lm_head(doc_hidden[torch.tensor(cuts, device=device) - 1]).repeat_interleave(g, dim=0)
+            rows = slice(b * m * g, (b + 1) * m * g)
+            y = generate(
+                model,
+                doc.new_empty((m * g, 0)).to(device),
+                sampling=sampling,
+                eos_token_id=eos_id,
+                pad_token_id=pad_id,
+                cache=state,
+                next_logits=first,
+                uniforms=uniforms[rows].to(device),
+            ).tokens
+            out = model(y, cache=state)
+            logp = torch.cat([first[:, None], out.logits[:, :-1]], 1)
+            old_logp.append(_token_logp(logp, y, settings.temperature).cpu())
+            hidden.append(_fp32_or_wider(out.hidden_states).cpu())
+            tokens.append(y.cpu())
+    else:
+        raise ValueError(f"unknown rollout engine {engine!r}; use 'branch' or 'faithful'")
+    return Rollouts(tokens=torch.cat(tokens), old_logp=torch.cat(old_logp), rollout_hidden=torch.cat(hidden), **idx)
+
+
+def policy_pass(
+    engine: str,
+    model: FastWeightForCausalLM,
+    batch: PositionBatch,
+    doc_rows: Sequence[int],
+    rollouts: Rollouts,
+    settings: RolloutSettings,
+    *,
+    pad_id: int,
+    ntp_labels_fn,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 6 forward with gradients for documents ``doc_rows`` and their rollouts (``rollouts`` = exactly those).
+
+    Returns ``(hidden, logp)``: ``hidden`` is a list-free pair used for the NTP loss — see ``ntp_labels_fn`` — and
+    ``logp`` ``[n, k]`` the current log-probs of the rollout tokens. ``ntp_labels_fn(hidden, ids, mask)`` returns
+    the summed NTP loss for hidden states ``[B, T, D]`` of the padded documents ``ids`` / ``mask``.
+    """
+    k, g, device = settings.rollout_tokens, settings.rollouts_per_position, model.device
+    if engine == "faithful":
+        docs = [batch.docs[b] for b in doc_rows]
+        ids, mask = left_pad(docs, pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        ntp_sum = ntp_labels_fn(model(ids, attention_mask=mask, return_logits=False).hidden_states, ids, mask)
+        prefixes = _prefix_rows(batch, rollouts.doc_index, rollouts.rollout_start)
+        full = max(d.numel() for d in batch.docs) if settings.pad_prefix_to_full_length else None
+        p_ids, p_mask = _pad_prefixes(prefixes, pad_id, full, device)
+        y = rollouts.tokens.to(device)
+        out = model(
+            torch.cat([p_ids, y], 1), attention_mask=torch.cat([p_mask, torch.ones_like(y)], 1), return_logits=False
+        )
+        logits = model.lm_head(out.hidden_states[:, -k - 1 : -1])
+        return ntp_sum, _token_logp(logits, y, settings.temperature)
+    if engine == "branch":
+        ntp_sum = torch.zeros((), device=device)
+        logps = []
+        for b in doc_rows:
+            doc = batch.docs[b].to(device)
+            cuts = batch.rollout_start[b].tolist()
+            doc_hidden, caches = forward_segments(model, doc, cuts)
+            ones = torch.ones(1, doc.numel(), dtype=torch.long, device=device)
+            ntp_sum = ntp_sum + ntp_labels_fn(doc_hidden[None], doc[None], ones)
+            sel = rollouts.doc_index == b
+            y = rollouts.tokens[sel].to(device)  # rows ordered (j, g)
+            state = FastWeightCache.cat([caches[c] for c in cuts]).repeat_interleave(g)
+            first = model.lm_head(doc_hidden[torch.tensor(cuts, device=device) - 1]).repeat_interleave(g, dim=0)
+            rest = model(y[:, : k - 1], cache=state).logits if k > 1 else first[:, :0]
+            logps.append(_token_logp(torch.cat([first[:, None], rest], 1), y, settings.temperature))
+        return ntp_sum, torch.cat(logps)
+    raise ValueError(f"unknown rollout engine {engine!r}; use 'branch' or 'faithful'")

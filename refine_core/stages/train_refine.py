@@ -1,0 +1,111 @@
+"""Stage: REFINE mid-training on long documents (spec §2-3), and its NTP-only baseline on the same data.
+
+``train_refine(cfg, tracker)`` loads (or builds) the model, then for every step takes ``refine.batch_size``
+documents and runs the REFINE inner step (:func:`refine_core.training.refine_step.refine_step`): entropy-based
+positions, rollouts from the prefixes, rewards against the true continuation, GRPO advantages, and one AdamW step
+per mini-batch on ``c_ntp · NTP + c_nsp · PPO``. The learning-rate scheduler steps once per REFINE step (spec
+§2 step 6.4). With ``refine.nsp_update=false`` the same loop trains the NTP-only baseline on the same documents.
+
+Sampling is seeded per (seed, step, document), so a resumed run follows the uninterrupted trajectory exactly.
+
+Command line::
+
+    refine prepare-data --config configs/tiny-refine.yaml
+    refine train-refine --config configs/tiny-refine.yaml
+    refine train-refine --config configs/tiny-refine.yaml refine.nsp_update=false   # the NTP-only baseline
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+from refine_core.config import RunConfig
+from refine_core.stages.train_ntp import TrainResult
+from refine_core.tracking import Tracker
+from refine_core.training.refine_step import refine_step
+from refine_core.training.session import TrainingSession
+
+logger = logging.getLogger(__name__)
+
+STAGE = "train-refine"
+
+
+def train_refine(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
+    """Mid-train ``cfg.model`` with REFINE on ``cfg.prepared_dir``; see the module docstring."""
+    rcfg = cfg.refine
+    stage = STAGE if rcfg.nsp_update else f"{STAGE}-baseline"
+    session = TrainingSession.open(cfg, stage, rcfg, tracker, batch_size=rcfg.batch_size)
+    model, tokenizer = session.model, session.tokenizer
+    reference = None
+    if rcfg.kl_coef > 0:
+        # The KL option anchors the policy to the starting weights (not in the paper: spec §10.9).
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+
+    history: list[dict[str, float]] = []
+    eval_loss: float | None = None
+    if session.start_step == 0 and rcfg.eval_every:
+        eval_loss = session.eval_loss()
+        if eval_loss is not None:
+            session.tracker.log_metrics({"eval/loss": eval_loss}, step=0)
+            history.append({"step": 0.0, "eval/loss": eval_loss})
+
+    step = session.start_step
+    while step < rcfg.steps:
+        if rcfg.stop_after is not None and step - session.start_step >= rcfg.stop_after:
+            logger.info("stopping after %d steps of this run (refine.stop_after)", rcfg.stop_after)
+            break
+        t0 = time.perf_counter()
+        indices = session.batcher.next_indices()
+        docs = [session.train_set.get_tensor(i) for i in indices]
+        lr = session.scheduler.get_last_lr()[0]
+        metrics = refine_step(
+            model,
+            session.optimizer,
+            docs,
+            indices,
+            rcfg,
+            seed=cfg.seed,
+            step=step,
+            pad_id=tokenizer.pad_token_id,
+            eos_id=tokenizer.eos_token_id,
+            autocast=session.autocast,
+            reference_model=reference,
+        )
+        session.scheduler.step()
+        step += 1
+        elapsed = time.perf_counter() - t0
+        metrics.update(
+            {
+                "refine/lr": lr,
+                "refine/step_time_s": elapsed,
+                "refine/tokens_per_s": sum(d.numel() for d in docs) / elapsed,
+            }
+        )
+        if (rcfg.eval_every and step % rcfg.eval_every == 0) or step == rcfg.steps:
+            eval_loss = session.eval_loss()
+            if eval_loss is not None:
+                metrics["eval/loss"] = eval_loss
+        history.append({"step": float(step), **metrics})
+        session.tracker.log_metrics(metrics, step=step)
+        if step % rcfg.log_every == 0 or step == rcfg.steps:
+            logger.info(
+                "step %d/%d | ntp %.4f | nsp %.4f | reward %.3f±%.3f (cos %.3f, em %.3f) | clip %.3f | %.1fs%s",
+                step,
+                rcfg.steps,
+                metrics["refine/ntp_loss"],
+                metrics.get("refine/nsp_loss", 0.0),
+                metrics.get("refine/reward_mean", 0.0),
+                metrics.get("refine/reward_std", 0.0),
+                metrics.get("refine/reward_cosine_mean", 0.0),
+                metrics.get("refine/reward_em_mean", 0.0),
+                metrics.get("refine/clip_frac", 0.0),
+                elapsed,
+                f" | eval {eval_loss:.4f}" if "eval/loss" in metrics else "",
+            )
+        if rcfg.save_every and step % rcfg.save_every == 0 and step < rcfg.steps:
+            session.save(step)
+
+    model_dir = session.finish(step)
+    return TrainResult(model_dir=model_dir, steps=step, final_eval_loss=eval_loss, history=history)

@@ -1,0 +1,297 @@
+"""One REFINE inner step on a batch of documents (spec §2), shared by mid-training, post-training and TTT.
+
+In the algorithm's order:
+
+0. an entropy pass of the current model over the documents (no grad);
+1. M positions per document chosen from the smoothed NTP entropy;
+2. G rollouts of k tokens per position, sampled from the prefix (pre-update model);
+3. their old log-probabilities and hidden states;
+4. rewards against the true continuation (cosine of hidden states, exact match, or both; float32);
+5. GRPO advantages within groups;
+6. for each mini-batch of documents with its rollouts: c_ntp · NTP + c_nsp · PPO-clip (+ optional KL), summed
+   over micro-batches with global token counts, then one clipped AdamW step (skipped if the norm is not finite).
+
+``nsp_update=False`` runs only the NTP half on the same documents (the NTP-only baseline), with one optimizer
+step per mini-batch (``matched``) or per batch (``official``, spec §10.7).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+
+import torch
+
+from refine_core.algorithm.grpo import (
+    group_advantages,
+    kl_penalty,
+    policy_loss_stats,
+    ppo_clip_token_losses,
+    token_mean,
+)
+from refine_core.algorithm.rewards import RewardBreakdown, compute_rewards
+from refine_core.algorithm.rollout import (
+    PositionBatch,
+    Rollouts,
+    RolloutSettings,
+    policy_pass,
+    sample_rollouts,
+    score_positions,
+)
+from refine_core.config import RefineConfig
+from refine_core.data.batching import left_pad
+from refine_core.models import FastWeightForCausalLM
+from refine_core.training.losses import count_targets, lm_loss_sum, ntp_targets
+from refine_core.training.optim import clip_and_step
+
+
+def rollout_settings(cfg: RefineConfig) -> RolloutSettings:
+    return RolloutSettings(
+        rollout_tokens=cfg.rollout_tokens,
+        rollouts_per_position=cfg.rollouts_per_position,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        block_eos=cfg.block_eos,
+        grouping=cfg.grouping,
+        pad_prefix_to_full_length=cfg.pad_prefix_to_full_length,
+        micro_batch_size=cfg.micro_batch_size,
+    )
+
+
+class _Timer:
+    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to the right phase."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def __call__(self, name: str) -> AbstractContextManager[None]:
+        timer = self
+
+        class _Phase:
+            def __enter__(self) -> None:
+                if timer.device.type == "cuda":
+                    torch.cuda.synchronize(timer.device)
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc) -> None:
+                if timer.device.type == "cuda":
+                    torch.cuda.synchronize(timer.device)
+                timer.seconds[name] += time.perf_counter() - self.t0
+
+        return _Phase()
+
+
+def _ntp_sum_fn(mask_pad: bool, lm_head_weight: torch.Tensor) -> Callable:
+    def ntp_sum(hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return lm_loss_sum(hidden[:, :-1], lm_head_weight, ntp_targets(ids, mask, mask_pad))
+
+    return ntp_sum
+
+
+def _ntp_count(docs: Sequence[torch.Tensor], pad_id: int, mask_pad: bool) -> int:
+    ids, mask = left_pad(list(docs), pad_id)
+    return count_targets(ntp_targets(ids, mask, mask_pad))
+
+
+def ntp_only_step(
+    model: FastWeightForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    docs: Sequence[torch.Tensor],
+    cfg: RefineConfig,
+    *,
+    pad_id: int,
+    autocast: Callable[[], AbstractContextManager[None]],
+) -> dict[str, float]:
+    """The NTP-only baseline on the same documents as a REFINE step."""
+    device = model.device
+    per_step = cfg.mini_batch_size if cfg.baseline_schedule == "matched" else cfg.batch_size
+    losses, norms, skipped = [], [], 0
+    for lo in range(0, len(docs), per_step):
+        group = list(docs[lo : lo + per_step])
+        total = _ntp_count(group, pad_id, cfg.mask_pad_in_loss)
+        loss_sum = 0.0
+        for mlo in range(0, len(group), cfg.micro_batch_size):
+            ids, mask = left_pad(group[mlo : mlo + cfg.micro_batch_size], pad_id)
+            ids, mask = ids.to(device), mask.to(device)
+            with autocast():
+                hidden = model(ids, attention_mask=mask, return_logits=False).hidden_states
+                part = _ntp_sum_fn(cfg.mask_pad_in_loss, model.lm_head.weight)(hidden, ids, mask)
+            (cfg.ntp_loss_coef * part / max(total, 1)).backward()
+            loss_sum += float(part.detach())
+        grad_norm, took = clip_and_step(model, optimizer, cfg.grad_clip)
+        losses.append(loss_sum / max(total, 1))
+        norms.append(grad_norm)
+        skipped += not took
+    return {
+        "refine/ntp_loss": sum(losses) / len(losses),
+        "refine/grad_norm": sum(norms) / len(norms),
+        "refine/optimizer_steps": float(len(losses)),
+        "refine/skipped_steps": float(skipped),
+    }
+
+
+def refine_step(
+    model: FastWeightForCausalLM,
+    optimizer: torch.optim.Optimizer,
+    docs: Sequence[torch.Tensor],
+    doc_ids: Sequence[int],
+    cfg: RefineConfig,
+    *,
+    seed: int,
+    step: int,
+    pad_id: int,
+    eos_id: int | None,
+    autocast: Callable[[], AbstractContextManager[None]],
+    reference_model: FastWeightForCausalLM | None = None,
+) -> dict[str, float]:
+    """Run spec §2 steps 0-6 on ``docs`` (1-D token tensors without padding); returns the step's metrics.
+
+    ``doc_ids`` are stable document ids (dataset indices) that, with ``seed`` and ``step``, seed the position and
+    rollout sampling, so a resumed run and both rollout engines draw the same positions and tokens.
+    """
+    if not cfg.nsp_update:
+        return ntp_only_step(model, optimizer, docs, cfg, pad_id=pad_id, autocast=autocast)
+    device = model.device
+    timer = _Timer(device)
+    settings = rollout_settings(cfg)
+    k = cfg.rollout_tokens
+
+    # 0-1. Entropy pass, positions, true continuations and their hidden states (pre-update model).
+    with timer("time/entropy_s"), autocast():
+        positions: PositionBatch = score_positions(
+            model,
+            docs,
+            doc_ids,
+            num_chunks=cfg.num_chunks,
+            rollout_tokens=k,
+            selection=cfg.selection,
+            entropy_window=cfg.entropy_window,
+            margin=cfg.margin,
+            seed=seed,
+            step=step,
+            pad_id=pad_id,
+            micro_batch_size=cfg.micro_batch_size,
+        )
+    # 2-3. Rollouts with their old log-probs and hidden states (pre-update model, no grad).
+    with timer("time/rollout_s"), autocast():
+        rollouts: Rollouts = sample_rollouts(
+            cfg.engine, model, positions, settings, seed=seed, step=step, eos_id=eos_id, pad_id=pad_id
+        )
+    # 4-5. Rewards in float32 and GRPO advantages.
+    rewards = compute_rewards(
+        cfg.reward, rollouts.rollout_hidden, rollouts.target_hidden, rollouts.tokens, rollouts.target_tokens
+    )
+    advantages = group_advantages(rewards.reward, rollouts.group_ids)
+    ref_logp = None
+    if cfg.kl_coef > 0:
+        if reference_model is None:
+            raise ValueError("refine.kl_coef > 0 needs a reference model")
+        with timer("time/reference_s"), torch.no_grad(), autocast():
+            ref_logp = _all_logps(cfg, reference_model, positions, rollouts, settings, pad_id)
+
+    # 6. Mini-batches of documents with exactly their rollouts; one optimizer step each.
+    sums: dict[str, float] = defaultdict(float)
+    stats: list[dict[str, float]] = []
+    norms, skipped, n_mini = [], 0, 0
+    ntp_fn = _ntp_sum_fn(cfg.mask_pad_in_loss, model.lm_head.weight)
+    with timer("time/update_s"):
+        for lo in range(0, len(docs), cfg.mini_batch_size):
+            rows = list(range(lo, min(lo + cfg.mini_batch_size, len(docs))))
+            ntp_total = _ntp_count([positions.docs[b] for b in rows], pad_id, cfg.mask_pad_in_loss)
+            in_mini = torch.isin(rollouts.doc_index, torch.tensor(rows))
+            rollout_total = int(in_mini.sum()) * k
+            for mlo in range(0, len(rows), cfg.micro_batch_size):
+                micro = rows[mlo : mlo + cfg.micro_batch_size]
+                sel = torch.isin(rollouts.doc_index, torch.tensor(micro))
+                part = rollouts.subset(sel)
+                with autocast():
+                    ntp_sum, logp = policy_pass(
+                        cfg.engine, model, positions, micro, part, settings, pad_id=pad_id, ntp_labels_fn=ntp_fn
+                    )
+                terms = ppo_clip_token_losses(
+                    logp,
+                    part.old_logp.to(device),
+                    advantages[sel].to(device),
+                    clip_eps=cfg.clip_eps,
+                    dual_clip=cfg.dual_clip,
+                    log_ratio_clamp=cfg.log_ratio_clamp,
+                )
+                ones = torch.ones_like(terms.losses)
+                # Global token counts of the mini-batch: micro-batch losses add up to the mini-batch loss.
+                ppo = token_mean(terms.losses, ones, total_tokens=rollout_total)
+                loss = cfg.ntp_loss_coef * ntp_sum / max(ntp_total, 1) + cfg.nsp_loss_coef * ppo
+                if ref_logp is not None:
+                    kl = kl_penalty(logp, ref_logp[sel].to(device), cfg.kl_kind)
+                    loss = loss + cfg.kl_coef * kl.sum() / rollout_total
+                    sums["refine/kl"] += float(kl.detach().sum()) / rollout_total
+                loss.backward()
+                sums["refine/ntp_loss"] += float(ntp_sum.detach()) / max(ntp_total, 1)
+                sums["refine/nsp_loss"] += float(ppo.detach())
+                stats.append({**policy_loss_stats(terms, ones), "tokens": float(ones.sum())})
+            grad_norm, took = clip_and_step(model, optimizer, cfg.grad_clip)
+            norms.append(grad_norm)
+            skipped += not took
+            n_mini += 1
+
+    weight = torch.tensor([s["tokens"] for s in stats])
+    metrics = {name: value / n_mini for name, value in sums.items()}
+    metrics.update(_reward_metrics(rewards, rollouts.group_ids))
+    metrics.update(
+        {
+            "refine/clip_frac": float((torch.tensor([s["clip_frac"] for s in stats]) * weight).sum() / weight.sum()),
+            "refine/dual_clip_frac": float(
+                (torch.tensor([s["dual_clip_frac"] for s in stats]) * weight).sum() / weight.sum()
+            ),
+            "refine/ratio_mean": float((torch.tensor([s["ratio_mean"] for s in stats]) * weight).sum() / weight.sum()),
+            "refine/ratio_max": max(s["ratio_max"] for s in stats),
+            "refine/grad_norm": sum(norms) / len(norms),
+            "refine/optimizer_steps": float(n_mini),
+            "refine/skipped_steps": float(skipped),
+            "refine/advantage_abs_mean": float(advantages.abs().mean()),
+            "refine/entropy_chosen": float(positions.chosen_entropy.mean()),
+            "refine/entropy_document": float(positions.doc_entropy.mean()),
+            "refine/rollouts": float(rollouts.num),
+            **timer.seconds,
+        }
+    )
+    return metrics
+
+
+def _all_logps(
+    cfg: RefineConfig,
+    model: FastWeightForCausalLM,
+    positions: PositionBatch,
+    rollouts: Rollouts,
+    settings: RolloutSettings,
+    pad_id: int,
+) -> torch.Tensor:
+    """Log-probs ``[N, k]`` of every rollout under ``model`` (used for the reference model of the KL option)."""
+    out = torch.empty_like(rollouts.old_logp)
+    ntp_fn = _ntp_sum_fn(True, model.lm_head.weight)
+    for lo in range(0, len(positions.docs), cfg.micro_batch_size):
+        micro = list(range(lo, min(lo + cfg.micro_batch_size, len(positions.docs))))
+        sel = torch.isin(rollouts.doc_index, torch.tensor(micro))
+        _, logp = policy_pass(
+            cfg.engine, model, positions, micro, rollouts.subset(sel), settings, pad_id=pad_id, ntp_labels_fn=ntp_fn
+        )
+        out[sel] = logp.to(out.dtype).cpu()
+    return out
+
+
+def _reward_metrics(rewards: RewardBreakdown, group_ids: torch.Tensor) -> dict[str, float]:
+    """Mean and std of every reward part, and the fraction of GRPO groups whose rewards are all equal."""
+    out = {}
+    parts = {"reward": rewards.reward, "reward_cosine": rewards.cosine, "reward_em": rewards.exact_match}
+    for name, values in parts.items():
+        out[f"refine/{name}_mean"] = float(values.mean())
+        out[f"refine/{name}_std"] = float(values.std()) if values.numel() > 1 else 0.0
+    # A group learns nothing when its rewards are all equal (GRPO advantages are then 0).
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    spread = torch.zeros(int(inverse.max()) + 1).scatter_reduce(0, inverse, rewards.reward.float(), "amax")
+    spread -= torch.zeros_like(spread).scatter_reduce(0, inverse, rewards.reward.float(), "amin", include_self=False)
+    out["refine/frac_zero_std_groups"] = float((spread.abs() < 1e-8).float().mean())
+    return out

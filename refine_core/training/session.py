@@ -1,0 +1,172 @@
+"""What every training stage does the same way: set up, resume, checkpoint, evaluate the held-out loss, export.
+
+A stage (``train_ntp``, ``train_refine``, ...) opens a :class:`TrainingSession`, runs its own loop in the order of
+its algorithm, and calls :meth:`TrainingSession.save` / :meth:`TrainingSession.finish`. Checkpoints hold the model
+(HF layout), the optimizer, the scheduler, the data position and every RNG state, so that on CPU an interrupted
+and resumed run ends bitwise equal to an uninterrupted one.
+
+Each stage writes under ``{output_dir}/{stage}/``: ``checkpoints/step_*`` and the final ``model/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refine_core.config import NTPConfig, RefineConfig, RunConfig, dump_yaml
+from refine_core.data.batching import DocumentBatcher, iter_eval_batches
+from refine_core.data.shards import TokenizedDataset, data_fingerprint, load_manifest
+from refine_core.models import FastWeightForCausalLM, save_pretrained
+from refine_core.models.hub import read_state_dict
+from refine_core.runtime import autocast, capture_rng_state, restore_rng_state, seed_everything, select_device
+from refine_core.tokenizer import Tokenizer
+from refine_core.tracking import NullTracker, Tracker
+from refine_core.training.checkpoint import CheckpointManager
+from refine_core.training.losses import count_targets, lm_loss_sum, ntp_targets
+from refine_core.training.optim import build_optimizer, build_scheduler
+from refine_core.training.setup import build_or_load_model, prepared_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def micro_batch_loss(
+    model: FastWeightForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_pad: bool
+) -> tuple[torch.Tensor, int]:
+    """Summed NTP loss of one left-padded micro-batch and its number of counted targets."""
+    out = model(input_ids, attention_mask=attention_mask, return_logits=False)
+    labels = ntp_targets(input_ids, attention_mask, mask_pad=mask_pad)
+    return lm_loss_sum(out.hidden_states[:, :-1], model.lm_head.weight, labels), count_targets(labels)
+
+
+@dataclass
+class TrainingSession:
+    """The shared state of one training stage run."""
+
+    cfg: RunConfig
+    stage: str
+    settings: NTPConfig | RefineConfig
+    tracker: Tracker
+    device: torch.device
+    tokenizer: Tokenizer
+    model: FastWeightForCausalLM
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batcher: DocumentBatcher
+    checkpoints: CheckpointManager
+    train_set: TokenizedDataset
+    eval_set: TokenizedDataset
+    start_step: int = 0
+    resumed_state: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(
+        cls,
+        cfg: RunConfig,
+        stage: str,
+        settings: NTPConfig | RefineConfig,
+        tracker: Tracker | None,
+        batch_size: int,
+    ) -> TrainingSession:
+        """Build everything from ``cfg`` and, with ``settings.resume``, restore the newest complete checkpoint."""
+        tracker = tracker or NullTracker()
+        device = select_device(cfg.device)
+        seed_everything(cfg.seed)
+        stage_dir = cfg.stage_dir(stage)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, stage_dir / "config.yaml")
+
+        tokenizer = prepared_tokenizer(cfg)
+        manifest = load_manifest(cfg.prepared_dir)
+        fingerprint = tokenizer.fingerprint()
+        train_set = TokenizedDataset(cfg.prepared_dir, "train", expected_fingerprint=fingerprint)
+        eval_set = TokenizedDataset(cfg.prepared_dir, "eval", expected_fingerprint=fingerprint)
+        model = build_or_load_model(cfg, tokenizer, device).train()
+        optimizer = build_optimizer(model, settings)
+        session = cls(
+            cfg=cfg,
+            stage=stage,
+            settings=settings,
+            tracker=tracker,
+            device=device,
+            tokenizer=tokenizer,
+            model=model,
+            optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, settings),
+            batcher=DocumentBatcher(train_set, batch_size, seed=cfg.seed, pad_id=tokenizer.pad_token_id),
+            checkpoints=CheckpointManager(stage_dir / "checkpoints", keep=settings.keep_checkpoints),
+            train_set=train_set,
+            eval_set=eval_set,
+        )
+        latest = session.checkpoints.latest() if settings.resume else None
+        if latest is not None:
+            state = session.checkpoints.load_trainer_state(latest)
+            model.load_state_dict(read_state_dict(latest))
+            optimizer.load_state_dict(state["optimizer"])
+            session.scheduler.load_state_dict(state["scheduler"])
+            session.batcher.load_state_dict(state["batcher"])
+            restore_rng_state(state["rng"])
+            session.start_step = int(state["step"])
+            session.resumed_state = state
+            logger.info("resumed %s from %s at step %d", stage, latest, session.start_step)
+        elif settings.resume:
+            logger.info("%s.resume is set but there is no complete checkpoint yet: starting at step 0", stage)
+
+        tracker.log_config(cfg)
+        tracker.set_tags({"refine.data_fingerprint": data_fingerprint(manifest), "refine.resumed_from": str(latest)})
+        tracker.log_params({"model.num_parameters": model.num_parameters(), "data.train_docs": len(train_set)})
+        return session
+
+    @property
+    def model_dir(self) -> Path:
+        return self.cfg.stage_dir(self.stage) / "model"
+
+    def autocast(self):
+        return autocast(self.device, self.cfg.precision)
+
+    def save(self, step: int, extra: dict[str, Any] | None = None) -> Path:
+        """Atomic checkpoint of everything needed to continue at ``step`` (``extra`` must be weights_only-safe)."""
+        state = {
+            "step": step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "batcher": self.batcher.state_dict(),
+            "rng": capture_rng_state(),
+            **(extra or {}),
+        }
+        path = self.checkpoints.save(step, lambda d: save_pretrained(self.model, d, tokenizer=self.tokenizer), state)
+        if self.cfg.tracking.log_checkpoints:
+            self.tracker.log_artifacts(path, artifact_path=f"checkpoints/{path.name}")
+        return path
+
+    def finish(self, step: int) -> Path:
+        """Checkpoint at ``step``; when the run is complete also export the final model (HF layout) and log it."""
+        self.save(step)
+        if step < self.settings.steps:
+            return self.model_dir  # stopped early on purpose (stop_after): the checkpoint is what counts
+        save_pretrained(self.model, self.model_dir, tokenizer=self.tokenizer)
+        self.tracker.log_artifacts(self.model_dir, artifact_path="model")
+        return self.model_dir
+
+    @torch.no_grad()
+    def eval_loss(self) -> float | None:
+        """Token-mean NTP loss over up to ``eval_max_docs`` held-out documents (pads never count)."""
+        if len(self.eval_set) == 0:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in iter_eval_batches(
+            self.eval_set, self.settings.micro_batch_size, self.tokenizer.pad_token_id, self.settings.eval_max_docs
+        ):
+            with self.autocast():
+                loss_sum, n = micro_batch_loss(
+                    self.model, batch.input_ids.to(self.device), batch.attention_mask.to(self.device), mask_pad=True
+                )
+            total += float(loss_sum)
+            count += n
+        self.model.train(was_training)
+        return total / max(count, 1)

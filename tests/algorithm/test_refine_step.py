@@ -1,0 +1,293 @@
+"""The REFINE inner step on tiny float64 models: both rollout engines agree, micro-batching changes nothing,
+every parameter moves, and the pieces match slow references."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from refine_core.algorithm.rollout import (
+    derive_seed,
+    forward_segments,
+    policy_pass,
+    sample_rollouts,
+    score_positions,
+)
+from refine_core.config import RefineConfig
+from refine_core.training.refine_step import _ntp_sum_fn, refine_step, rollout_settings
+from tests.models.tiny import VOCAB, tiny_model
+
+EOS = PAD = 1
+
+
+def small_cfg(**overrides) -> RefineConfig:
+    fields = dict(
+        batch_size=4,
+        mini_batch_size=4,
+        micro_batch_size=2,
+        num_chunks=3,
+        rollout_tokens=3,
+        margin=6,
+        entropy_window=5,
+        lr=1.0,
+        grad_clip=1e9,
+        nsp_loss_coef=0.7,
+    )
+    return RefineConfig(**{**fields, **overrides})
+
+
+def make_docs(seed: int = 0, lengths=(64, 71, 58, 80)) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, VOCAB, (n,), generator=gen) for n in lengths]
+
+
+def sgd_step(arch: str, cfg: RefineConfig, docs, **model_overrides) -> tuple[dict[str, torch.Tensor], dict]:
+    """One refine_step with plain SGD at lr 1, so the parameter change is exactly minus the gradient."""
+    model = tiny_model(arch, **model_overrides).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    metrics = refine_step(
+        model,
+        optimizer,
+        docs,
+        [10, 11, 12, 13][: len(docs)],
+        cfg,
+        seed=5,
+        step=3,
+        pad_id=PAD,
+        eos_id=EOS,
+        autocast=contextlib.nullcontext,
+    )
+    grads = {n: before[n] - p.detach() for n, p in model.named_parameters()}
+    return grads, metrics
+
+
+@pytest.mark.parametrize("arch", ["delta_net", "gated_deltanet"])
+def test_branch_and_faithful_engines_give_the_same_step(arch):
+    docs = make_docs()
+    g_branch, m_branch = sgd_step(arch, small_cfg(engine="branch"), docs)
+    g_faith, m_faith = sgd_step(arch, small_cfg(engine="faithful"), docs)
+    for key in ("refine/reward_mean", "refine/ntp_loss", "refine/nsp_loss", "refine/entropy_chosen"):
+        assert m_branch[key] == pytest.approx(m_faith[key], rel=1e-9, abs=1e-12), key
+    for name in g_branch:
+        torch.testing.assert_close(g_branch[name], g_faith[name], rtol=1e-8, atol=1e-11, msg=name)
+
+
+def test_engines_sample_the_same_rollouts_and_scores_with_groups_per_position():
+    model = tiny_model("delta_net")
+    docs = make_docs(1)
+    cfg = small_cfg(rollouts_per_position=2, grouping="position")
+    positions = score_positions(
+        model,
+        docs,
+        [0, 1, 2, 3],
+        num_chunks=3,
+        rollout_tokens=3,
+        selection="entropy",
+        entropy_window=5,
+        margin=6,
+        seed=0,
+        step=0,
+        pad_id=PAD,
+        micro_batch_size=2,
+    )
+    settings = rollout_settings(cfg)
+    a = sample_rollouts("branch", model, positions, settings, seed=0, step=0, eos_id=EOS, pad_id=PAD)
+    b = sample_rollouts("faithful", model, positions, settings, seed=0, step=0, eos_id=EOS, pad_id=PAD)
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.old_logp, b.old_logp, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(a.rollout_hidden, b.rollout_hidden, rtol=1e-9, atol=1e-12)
+    assert a.num == 4 * 3 * 2
+    # Groups per position: the two samples of one prefix share a group; 12 groups in all.
+    assert a.group_ids.tolist()[:4] == [0, 0, 1, 1] and len(set(a.group_ids.tolist())) == 12
+    # The two samples of one position are distinct draws (different uniforms), not copies.
+    assert not torch.equal(a.tokens[0::2], a.tokens[1::2])
+
+
+def test_old_logprobs_match_a_full_recompute_reference():
+    """Slow reference: re-run the model on prefix + rollout for every rollout, one at a time."""
+    model = tiny_model("gated_deltanet")
+    docs = make_docs(2)
+    positions = score_positions(
+        model,
+        docs,
+        [0, 1, 2, 3],
+        num_chunks=3,
+        rollout_tokens=3,
+        selection="entropy",
+        entropy_window=5,
+        margin=6,
+        seed=0,
+        step=0,
+        pad_id=PAD,
+        micro_batch_size=4,
+    )
+    ro = sample_rollouts(
+        "branch", model, positions, rollout_settings(small_cfg()), seed=0, step=0, eos_id=EOS, pad_id=PAD
+    )
+    for n in range(ro.num):
+        doc, r = docs[int(ro.doc_index[n])], int(ro.rollout_start[n])
+        seq = torch.cat([doc[:r], ro.tokens[n]])[None]
+        out = model(seq)
+        logp = torch.log_softmax(out.logits[0, r - 1 : r + 2], -1).gather(-1, ro.tokens[n][:, None]).squeeze(-1)
+        torch.testing.assert_close(ro.old_logp[n], logp, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ro.rollout_hidden[n], out.hidden_states[0, r:], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ro.target_hidden[n], model(doc[None]).hidden_states[0, r : r + 3])
+        assert torch.equal(ro.target_tokens[n], doc[r : r + 3])
+
+
+def test_forward_segments_equals_one_pass_and_caches_equal_prefix_states():
+    model = tiny_model("delta_net")
+    doc = make_docs(3)[0]
+    hidden, caches = forward_segments(model, doc, [40, 9, 23, 23])
+    torch.testing.assert_close(hidden, model(doc[None]).hidden_states[0], rtol=1e-10, atol=1e-10)
+    assert sorted(caches) == [9, 23, 40]
+    nxt = torch.tensor([[7]])
+    for cut, cache in caches.items():
+        direct = model(doc[None, :cut], use_cache=True).cache
+        torch.testing.assert_close(model(nxt, cache=cache).logits, model(nxt, cache=direct).logits)
+
+
+def test_loss_is_invariant_to_the_micro_batch_size():
+    docs = make_docs(4)
+    g1, m1 = sgd_step("delta_net", small_cfg(micro_batch_size=1), docs)
+    g4, m4 = sgd_step("delta_net", small_cfg(micro_batch_size=4), docs)
+    assert m1["refine/nsp_loss"] == pytest.approx(m4["refine/nsp_loss"], rel=1e-9, abs=1e-13)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g4[name], rtol=1e-8, atol=1e-11, msg=name)
+
+
+def test_every_trainable_parameter_changes_after_one_step():
+    docs = make_docs(5)
+    model = tiny_model("gated_deltanet", dtype=torch.float32).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    metrics = refine_step(
+        model,
+        optimizer,
+        docs,
+        [0, 1, 2, 3],
+        small_cfg(lr=1e-3, grad_clip=1.0, mini_batch_size=2),
+        seed=0,
+        step=0,
+        pad_id=PAD,
+        eos_id=EOS,
+        autocast=contextlib.nullcontext,
+    )
+    assert metrics["refine/optimizer_steps"] == 2
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(before[n], p.detach())]
+    # The pad row of the embedding has no gradient by construction (padding_idx, as in fla).
+    assert unchanged == [], unchanged
+    expected = {
+        "refine/ntp_loss",
+        "refine/nsp_loss",
+        "refine/reward_mean",
+        "refine/reward_std",
+        "refine/reward_cosine_mean",
+        "refine/reward_cosine_std",
+        "refine/reward_em_mean",
+        "refine/reward_em_std",
+        "refine/frac_zero_std_groups",
+        "refine/clip_frac",
+        "refine/ratio_mean",
+        "refine/ratio_max",
+        "refine/grad_norm",
+        "refine/entropy_chosen",
+        "refine/entropy_document",
+        "time/entropy_s",
+        "time/rollout_s",
+        "time/update_s",
+    }
+    assert expected <= set(metrics)
+
+
+def test_first_minibatch_is_on_policy():
+    """Ratios are exactly 1 in the first mini-batch: the training forward reproduces the old log-probs."""
+    docs = make_docs(6)
+    _, metrics = sgd_step("delta_net", small_cfg(mini_batch_size=4), docs)
+    assert metrics["refine/ratio_max"] == pytest.approx(1.0, abs=1e-9)
+    assert metrics["refine/clip_frac"] == 0.0
+
+
+def test_kl_option_needs_and_uses_a_reference_model():
+    docs = make_docs(7)
+    model = tiny_model("delta_net").train()
+    with pytest.raises(ValueError, match="reference model"):
+        refine_step(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            docs,
+            [0, 1, 2, 3],
+            small_cfg(kl_coef=0.1),
+            seed=0,
+            step=0,
+            pad_id=PAD,
+            eos_id=EOS,
+            autocast=contextlib.nullcontext,
+        )
+    reference = tiny_model("delta_net")
+    metrics = refine_step(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        docs,
+        [0, 1, 2, 3],
+        small_cfg(kl_coef=0.1),
+        seed=0,
+        step=0,
+        pad_id=PAD,
+        eos_id=EOS,
+        autocast=contextlib.nullcontext,
+        reference_model=reference,
+    )
+    assert metrics["refine/kl"] == pytest.approx(0.0, abs=1e-12)  # same weights as the reference before the step
+
+
+def test_ntp_only_baseline_schedules():
+    docs = make_docs(8)
+    model = tiny_model("delta_net").train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kw = dict(seed=0, step=0, pad_id=PAD, eos_id=EOS, autocast=contextlib.nullcontext)
+    matched = refine_step(model, opt, docs, [0, 1, 2, 3], small_cfg(nsp_update=False, mini_batch_size=2), **kw)
+    official = refine_step(
+        model,
+        opt,
+        docs,
+        [0, 1, 2, 3],
+        small_cfg(nsp_update=False, mini_batch_size=2, baseline_schedule="official"),
+        **kw,
+    )
+    assert matched["refine/optimizer_steps"] == 2 and official["refine/optimizer_steps"] == 1
+
+
+def test_policy_pass_ntp_sum_equals_a_plain_ntp_loss():
+    model = tiny_model("delta_net")
+    docs = make_docs(9)
+    positions = score_positions(
+        model,
+        docs,
+        [0, 1, 2, 3],
+        num_chunks=3,
+        rollout_tokens=3,
+        selection="argmax",
+        entropy_window=5,
+        margin=6,
+        seed=0,
+        step=0,
+        pad_id=PAD,
+        micro_batch_size=4,
+    )
+    settings = rollout_settings(small_cfg())
+    ro = sample_rollouts("branch", model, positions, settings, seed=0, step=0, eos_id=EOS, pad_id=PAD)
+    fn = _ntp_sum_fn(True, model.lm_head.weight)
+    ntp_sum, _ = policy_pass("branch", model, positions, [0, 1, 2, 3], ro, settings, pad_id=PAD, ntp_labels_fn=fn)
+    reference = sum(
+        torch.nn.functional.cross_entropy(model(d[None]).logits[0, :-1], d[1:], reduction="sum") for d in docs
+    )
+    torch.testing.assert_close(ntp_sum, reference)
+
+
+def test_seeds_are_stable_and_distinct():
+    assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3)
+    assert len({derive_seed(0, s, d) for s in range(20) for d in range(20)}) == 400
