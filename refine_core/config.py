@@ -263,6 +263,98 @@ class RefineConfig:
 
 
 @dataclass
+class PostTrainConfig:
+    """Post-training on a long-context task (spec §3-4): task SFT, Nested SFT or Nested REFINE.
+
+    The inner step's settings (reward, mini-batch, coefficients, engine) and the one AdamW shared by the inner and
+    outer updates come from the ``refine`` section; the paper's post-training values are reward ``hybrid``,
+    ``batch_size`` 64 with ``mini_batch_size`` 16 (4 inner optimizer steps) and lr 1e-6.
+    """
+
+    # Task files with ``prompt`` and ``answer`` columns (RULER QA layout): parquet files, directories or globs.
+    train_files: list[str] = field(default_factory=list)
+    # ``sft``: answers only; ``nested_sft``: an NTP step on the prompts, then SFT; ``nested_refine``: the REFINE
+    # inner step on the prompts, then SFT (spec §4).
+    mode: str = "nested_refine"
+    steps: int = 24
+    batch_size: int = 64
+    micro_batch_size: int = 2
+    # Prompts keep their first ``max_prompt_tokens`` tokens (spec §1); answers at most ``max_answer_tokens``.
+    max_prompt_tokens: int = 4064
+    max_answer_tokens: int = 32
+    # Append EOS to the SFT target so the model learns to stop; the official code omits it (spec §10.15).
+    append_eos: bool = True
+    sft_loss_coef: float = 1.0
+    max_examples: int | None = None
+    log_every: int = 1
+    save_every: int = 8
+    keep_checkpoints: int = 2
+    eval_max_docs: int = 0
+    resume: bool = False
+    stop_after: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("sft", "nested_sft", "nested_refine"):
+            raise ConfigError(f"post.mode={self.mode!r}; use 'sft', 'nested_sft' or 'nested_refine'.")
+        for name in ("steps", "batch_size", "micro_batch_size", "max_prompt_tokens", "max_answer_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"post.{name}={getattr(self, name)} must be >= 1.")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"post.micro_batch_size={self.micro_batch_size} must divide post.batch_size.")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: RULER QA and LongBench task files, and generated RULER NIAH tasks (spec §5)."""
+
+    # Task files (parquet, RULER QA or LongBench layout), directories or globs; one task per file.
+    task_files: list[str] = field(default_factory=list)
+    # Keep only these task names (``None``: every task found).
+    tasks: list[str] | None = None
+    # At most this many examples per task, in file order (``None``: all).
+    max_examples: int | None = None
+    # Greedy decoding batch; prompts are left-padded (spec §5).
+    batch_size: int = 8
+    # Prompts keep their first tokens up to this budget minus the task's generation length (spec §1, §10.14).
+    max_seq_tokens: int = 16384
+    # Generated RULER NIAH tasks (niah_single_1, niah_multikey_2, ...), their lengths, depths and count per cell.
+    niah_tasks: list[str] = field(default_factory=list)
+    niah_lengths: list[int] = field(default_factory=lambda: [4096, 8192, 16384])
+    niah_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    niah_examples_per_cell: int = 1
+    # Answers stored joined by "|" are split back as the official code does (spec §10.15).
+    official_answer_split: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size={self.batch_size} must be >= 1.")
+
+
+@dataclass
+class TTTConfig:
+    """Test-time training (spec §4): adapt on each batch of test prompts, then answer them.
+
+    The inner step's settings come from the ``refine`` section (the paper: reward ``exact_match``, nsp coefficient
+    0.4, ``mini_batch_size`` 4 → 2 optimizer steps per batch of 8 on LongBench).
+    """
+
+    # ``refine``: the REFINE inner step; ``ntp``: NTP only (the "SFT" TTT baseline); ``none``: evaluate only.
+    method: str = "refine"
+    # ``cumulative``: weights and optimizer carry over between batches in file order (the official behaviour,
+    # spec §10.1); ``reset``: both are restored before every batch, so results do not depend on order.
+    mode: str = "cumulative"
+    batch_size: int = 8
+    # Drop the last incomplete batch of each task, as the official validation loader does (spec §10.13).
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in ("refine", "ntp", "none"):
+            raise ConfigError(f"ttt.method={self.method!r}; use 'refine', 'ntp' or 'none'.")
+        if self.mode not in ("cumulative", "reset"):
+            raise ConfigError(f"ttt.mode={self.mode!r}; use 'cumulative' or 'reset'.")
+
+
+@dataclass
 class TrackingConfig:
     """Experiment tracking. ``mlflow`` with no URI uses an embedded store: ``sqlite:///mlruns/mlflow.db``."""
 
@@ -295,6 +387,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     ntp: NTPConfig = field(default_factory=NTPConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    post: PostTrainConfig = field(default_factory=PostTrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:

@@ -19,9 +19,10 @@ the shipped files) becomes several; pass ``official_pipe_split=True`` to reprodu
 
 from __future__ import annotations
 
+import glob
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,20 @@ from typing import Any
 RULER_MAX_GEN_TOKENS = 32
 # Spec §5.3: per-task budgets, used only when a LongBench file lacks the ``max_gen_tokens`` column.
 LONGBENCH_MAX_GEN_TOKENS = {
-    "narrativeqa": 128, "qasper": 128, "samsum": 128, "multifieldqa_en": 64, "trec": 64, "lcc": 64,
-    "repobench-p": 64, "hotpotqa": 32, "2wikimqa": 32, "triviaqa": 32, "musique": 32, "qmsum": 512,
-    "multi_news": 512, "gov_report": 512,
+    "narrativeqa": 128,
+    "qasper": 128,
+    "samsum": 128,
+    "multifieldqa_en": 64,
+    "trec": 64,
+    "lcc": 64,
+    "repobench-p": 64,
+    "hotpotqa": 32,
+    "2wikimqa": 32,
+    "triviaqa": 32,
+    "musique": 32,
+    "qmsum": 512,
+    "multi_news": 512,
+    "gov_report": 512,
 }
 # Columns that are not copied into ``TaskExample.extra`` (pandas' saved index is the id instead).
 _PANDAS_INDEX = "__index_level_0__"
@@ -112,8 +124,9 @@ def _require(path: str | os.PathLike[str], columns: list[str], *options: str) ->
     )
 
 
-def _read(path: str | os.PathLike[str], id_column: str | None, answer_columns: tuple[str, ...],
-          official_pipe_split: bool) -> list[TaskExample]:
+def _read(
+    path: str | os.PathLike[str], id_column: str | None, answer_columns: tuple[str, ...], official_pipe_split: bool
+) -> list[TaskExample]:
     columns, rows = _read_rows(path)
     prompt_col = _require(path, columns, "prompt")
     answer_col = _require(path, columns, *answer_columns)
@@ -130,11 +143,16 @@ def _read(path: str | os.PathLike[str], id_column: str | None, answer_columns: t
             gen = LONGBENCH_MAX_GEN_TOKENS.get(task)
         extra = {k: v for k, v in record.items() if k not in used}
         extra["row"] = row
-        examples.append(TaskExample(
-            id=f"{task}:{key}", task=str(task), prompt=record[prompt_col],
-            answers=parse_answers(record[answer_col], official_pipe_split),
-            max_gen_tokens=None if gen is None else int(gen), extra=extra,
-        ))
+        examples.append(
+            TaskExample(
+                id=f"{task}:{key}",
+                task=str(task),
+                prompt=record[prompt_col],
+                answers=parse_answers(record[answer_col], official_pipe_split),
+                max_gen_tokens=None if gen is None else int(gen),
+                extra=extra,
+            )
+        )
     return examples
 
 
@@ -181,3 +199,18 @@ def iter_task_files(directory: str | os.PathLike[str], pattern: str = "*.parquet
     if not d.is_dir():
         raise FileNotFoundError(f"task directory {str(d)!r} does not exist; point it at e.g. ../shared/data/longbench.")
     yield from sorted(p for p in d.glob(pattern) if p.is_file())
+
+
+def expand_task_files(patterns: Sequence[str]) -> list[Path]:
+    """Parquet files named by paths, directories or globs, in a stable order; a pattern matching nothing fails."""
+    files: list[Path] = []
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        if os.path.isdir(expanded):
+            matched = sorted(Path(expanded).glob("*.parquet"))
+        else:
+            matched = sorted(Path(p) for p in glob.glob(expanded))
+        if not matched:
+            raise FileNotFoundError(f"task file pattern {pattern!r} matches no parquet file; check the path")
+        files.extend(matched)
+    return files

@@ -11,13 +11,14 @@ Each stage writes under ``{output_dir}/{stage}/``: ``checkpoints/step_*`` and th
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from refine_core.config import NTPConfig, RefineConfig, RunConfig, dump_yaml
+from refine_core.config import NTPConfig, PostTrainConfig, RefineConfig, RunConfig, dump_yaml
 from refine_core.data.batching import DocumentBatcher, iter_eval_batches
 from refine_core.data.shards import TokenizedDataset, data_fingerprint, load_manifest
 from refine_core.models import FastWeightForCausalLM, save_pretrained
@@ -27,7 +28,7 @@ from refine_core.tokenizer import Tokenizer
 from refine_core.tracking import NullTracker, Tracker
 from refine_core.training.checkpoint import CheckpointManager
 from refine_core.training.losses import count_targets, lm_loss_sum, ntp_targets
-from refine_core.training.optim import build_optimizer, build_scheduler
+from refine_core.training.optim import OptimSettings, build_optimizer, build_scheduler
 from refine_core.training.setup import build_or_load_model, prepared_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class TrainingSession:
 
     cfg: RunConfig
     stage: str
-    settings: NTPConfig | RefineConfig
+    settings: NTPConfig | RefineConfig | PostTrainConfig
     tracker: Tracker
     device: torch.device
     tokenizer: Tokenizer
@@ -57,8 +58,8 @@ class TrainingSession:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     batcher: DocumentBatcher
     checkpoints: CheckpointManager
-    train_set: TokenizedDataset
-    eval_set: TokenizedDataset
+    train_set: Sequence[Any]
+    eval_set: Sequence[Any]
     start_step: int = 0
     resumed_state: dict[str, Any] = field(default_factory=dict)
 
@@ -67,11 +68,22 @@ class TrainingSession:
         cls,
         cfg: RunConfig,
         stage: str,
-        settings: NTPConfig | RefineConfig,
+        settings: NTPConfig | RefineConfig | PostTrainConfig,
         tracker: Tracker | None,
         batch_size: int,
+        *,
+        optim: OptimSettings | None = None,
+        tokenizer: Tokenizer | None = None,
+        train_set: Sequence[Any] | None = None,
+        eval_set: Sequence[Any] | None = None,
+        data_tag: str | None = None,
     ) -> TrainingSession:
-        """Build everything from ``cfg`` and, with ``settings.resume``, restore the newest complete checkpoint."""
+        """Build everything from ``cfg`` and, with ``settings.resume``, restore the newest complete checkpoint.
+
+        By default the data are the prepared shards (``refine prepare-data``) and their tokenizer; a stage that
+        trains on task files passes its own ``tokenizer``, ``train_set`` (any sequence the batcher can index),
+        ``eval_set`` and a ``data_tag`` naming them. ``optim`` overrides the optimiser fields of ``settings``.
+        """
         tracker = tracker or NullTracker()
         device = select_device(cfg.device)
         seed_everything(cfg.seed)
@@ -79,13 +91,18 @@ class TrainingSession:
         stage_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, stage_dir / "config.yaml")
 
-        tokenizer = prepared_tokenizer(cfg)
-        manifest = load_manifest(cfg.prepared_dir)
-        fingerprint = tokenizer.fingerprint()
-        train_set = TokenizedDataset(cfg.prepared_dir, "train", expected_fingerprint=fingerprint)
-        eval_set = TokenizedDataset(cfg.prepared_dir, "eval", expected_fingerprint=fingerprint)
+        if train_set is None:
+            tokenizer = prepared_tokenizer(cfg)
+            fingerprint = tokenizer.fingerprint()
+            train_set = TokenizedDataset(cfg.prepared_dir, "train", expected_fingerprint=fingerprint)
+            eval_set = TokenizedDataset(cfg.prepared_dir, "eval", expected_fingerprint=fingerprint)
+            data_tag = data_fingerprint(load_manifest(cfg.prepared_dir))
+        if tokenizer is None:
+            raise ValueError("TrainingSession.open: a custom train_set needs its tokenizer")
+        eval_set = eval_set if eval_set is not None else []
         model = build_or_load_model(cfg, tokenizer, device).train()
-        optimizer = build_optimizer(model, settings)
+        optim = optim or settings
+        optimizer = build_optimizer(model, optim)
         session = cls(
             cfg=cfg,
             stage=stage,
@@ -95,7 +112,7 @@ class TrainingSession:
             tokenizer=tokenizer,
             model=model,
             optimizer=optimizer,
-            scheduler=build_scheduler(optimizer, settings),
+            scheduler=build_scheduler(optimizer, optim),
             batcher=DocumentBatcher(train_set, batch_size, seed=cfg.seed, pad_id=tokenizer.pad_token_id),
             checkpoints=CheckpointManager(stage_dir / "checkpoints", keep=settings.keep_checkpoints),
             train_set=train_set,
@@ -116,7 +133,7 @@ class TrainingSession:
             logger.info("%s.resume is set but there is no complete checkpoint yet: starting at step 0", stage)
 
         tracker.log_config(cfg)
-        tracker.set_tags({"refine.data_fingerprint": data_fingerprint(manifest), "refine.resumed_from": str(latest)})
+        tracker.set_tags({"refine.data_fingerprint": data_tag or "", "refine.resumed_from": str(latest)})
         tracker.log_params({"model.num_parameters": model.num_parameters(), "data.train_docs": len(train_set)})
         return session
 
@@ -154,7 +171,7 @@ class TrainingSession:
     @torch.no_grad()
     def eval_loss(self) -> float | None:
         """Token-mean NTP loss over up to ``eval_max_docs`` held-out documents (pads never count)."""
-        if len(self.eval_set) == 0:
+        if len(self.eval_set) == 0 or not self.settings.eval_max_docs:
             return None
         was_training = self.model.training
         self.model.eval()
