@@ -44,10 +44,21 @@ STAGES: dict[str, Stage] = {
         "refine_core.stages.prepare_data", "prepare_data", "read, tokenize, filter and shard the corpora",
         tracked=False,
     ),
+    "make-ruler-qa": Stage(
+        "refine_core.stages.make_ruler_qa",
+        "make_ruler_qa_files",
+        "build RULER QA train/test files from SQuAD or HotpotQA sources",
+        tracked=False,
+    ),
     "train-ntp": Stage("refine_core.stages.train_ntp", "train_ntp", "next-token-prediction training (the baseline)"),
     "train-refine": Stage(
         "refine_core.stages.train_refine", "train_refine", "REFINE mid-training (refine.nsp_update=false: NTP baseline)"
     ),
+    "post-train": Stage(
+        "refine_core.stages.post_train", "post_train", "post-training on task data: sft, nested_sft or nested_refine"
+    ),
+    "ttt": Stage("refine_core.stages.ttt", "test_time_train", "test-time training on the test prompts, then answer"),
+    "evaluate": Stage("refine_core.stages.evaluate", "evaluate", "RULER QA / LongBench / RULER NIAH evaluation"),
 }
 
 
@@ -93,7 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     runtime.configure_triton_cache()  # before a stage imports fla
     logger.info("refine %s: %s (output_dir=%s)", args.command, cfg.name, cfg.output_dir)
-    run_stage(args.command, cfg)
+    try:
+        run_stage(args.command, cfg)
+    except ConfigError as exc:  # a setting the stage found missing or inconsistent: no traceback, exit 2
+        sys.stderr.write(f"refine {args.command}: error: {exc}\n")
+        return 2
     return 0
 
 

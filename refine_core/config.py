@@ -355,6 +355,31 @@ class TTTConfig:
 
 
 @dataclass
+class RulerQAConfig:
+    """Building RULER QA train/test files from SQuAD or HotpotQA source files (spec §3, §5.1, §9.2)."""
+
+    # SQuAD v2 dev JSON (``squad``) or HotpotQA dev distractor JSON (``hotpotqa``).
+    source_path: str | None = None
+    source_format: str = "squad"
+    # Target sequence length (prompt + 32 answer tokens), rows per split, where the files go.
+    max_seq_length: int = 4096
+    num_train: int = 1600
+    num_test: int = 200
+    out_dir: str = "data/ruler"
+    # RULER's seed (42), which also fixes its document order; the model part of the file names.
+    seed: int = 42
+    name: str | None = None
+    # ``ruler``: RULER's shared shuffle per prompt size; ``random``: one shuffle per prompt (no position bias).
+    doc_order: str = "ruler"
+
+    def __post_init__(self) -> None:
+        if self.source_format not in ("squad", "hotpotqa"):
+            raise ConfigError(f"ruler_qa.source_format={self.source_format!r}; use 'squad' or 'hotpotqa'.")
+        if self.doc_order not in ("ruler", "random"):
+            raise ConfigError(f"ruler_qa.doc_order={self.doc_order!r}; use 'ruler' or 'random'.")
+
+
+@dataclass
 class TrackingConfig:
     """Experiment tracking. ``mlflow`` with no URI uses an embedded store: ``sqlite:///mlruns/mlflow.db``."""
 
@@ -390,6 +415,7 @@ class RunConfig:
     post: PostTrainConfig = field(default_factory=PostTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ttt: TTTConfig = field(default_factory=TTTConfig)
+    ruler_qa: RulerQAConfig = field(default_factory=RulerQAConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
