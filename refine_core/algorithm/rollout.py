@@ -28,7 +28,7 @@ sample the same tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -318,13 +318,16 @@ def policy_pass(
     settings: RolloutSettings,
     *,
     pad_id: int,
-    ntp_labels_fn,
+    ntp_labels_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 6 forward with gradients for documents ``doc_rows`` and their rollouts (``rollouts`` = exactly those).
+    """Step 6 forward with gradients for the documents ``doc_rows`` and exactly their ``rollouts``.
 
-    Returns ``(hidden, logp)``: ``hidden`` is a list-free pair used for the NTP loss — see ``ntp_labels_fn`` — and
-    ``logp`` ``[n, k]`` the current log-probs of the rollout tokens. ``ntp_labels_fn(hidden, ids, mask)`` returns
-    the summed NTP loss for hidden states ``[B, T, D]`` of the padded documents ``ids`` / ``mask``.
+    Args:
+        ntp_labels_fn: ``(hidden [B, T, D], ids [B, T], mask [B, T]) -> summed NTP loss`` of documents.
+
+    Returns:
+        ``(ntp_sum, logp)``: the documents' summed NTP loss and the current log-probs ``[n, k]`` of the rollout
+        tokens, both differentiable; with ``branch`` the rollout log-probs depend on the prefix through the state.
     """
     k, g, device = settings.rollout_tokens, settings.rollouts_per_position, model.device
     if engine == "faithful":

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
@@ -68,21 +68,19 @@ class _Timer:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
 
-    def __call__(self, name: str) -> AbstractContextManager[None]:
-        timer = self
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
-        class _Phase:
-            def __enter__(self) -> None:
-                if timer.device.type == "cuda":
-                    torch.cuda.synchronize(timer.device)
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc) -> None:
-                if timer.device.type == "cuda":
-                    torch.cuda.synchronize(timer.device)
-                timer.seconds[name] += time.perf_counter() - self.t0
-
-        return _Phase()
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] += time.perf_counter() - t0
 
 
 def _ntp_sum_fn(mask_pad: bool, lm_head_weight: torch.Tensor) -> Callable:
