@@ -179,6 +179,9 @@ def git_commit() -> str | None:
 def setup_logging(level: int | str = "INFO") -> None:
     """Configure the root logger with one concise format; calling it again only changes the level.
 
+    Under torchrun with more than one rank (``$WORLD_SIZE`` > 1) every line carries ``[rank R]`` and ranks other
+    than 0 log warnings and errors only: rank 0 speaks for the job, and the TrainJob's streamed log stays readable.
+
     Args:
         level: a ``logging`` level name (``"DEBUG"``, ``"info"``) or number.
     """
@@ -188,10 +191,16 @@ def setup_logging(level: int | str = "INFO") -> None:
         if not isinstance(resolved, int):
             raise ValueError(f"log level {level!r} is unknown; use DEBUG, INFO, WARNING or ERROR.")
         level = resolved
+    log_format = LOG_FORMAT
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        rank = int(os.environ.get("RANK", "0") or 0)
+        log_format = LOG_FORMAT.replace("%(name)s", f"[rank {rank}] %(name)s")
+        if rank != 0:
+            level = max(level, logging.WARNING)
     root = logging.getLogger()
     if not any(getattr(h, "_refine_handler", False) for h in root.handlers):
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt=LOG_DATEFMT))
+        handler.setFormatter(logging.Formatter(log_format, datefmt=LOG_DATEFMT))
         handler._refine_handler = True  # type: ignore[attr-defined]  # marks ours, so a second call adds none
         root.addHandler(handler)
     root.setLevel(level)

@@ -6,10 +6,15 @@ norm is not finite is skipped and counted), bf16 autocast on CUDA and float32 on
 a token mean over the whole optimizer batch (so it does not depend on the micro-batch size), a held-out loss on
 a schedule, and atomic checkpoints that hold everything needed to continue bit for bit on CPU.
 
+Under ``torchrun`` each rank trains on its share of every batch (documents ``r, r + W, ...``) with the loss
+normalised by the batch's global token count, so the update equals the single-process one (DDP averages the
+gradients; ``session.sync`` scales by the number of ranks); see :mod:`refine_core.distributed.ddp`.
+
 Command line::
 
     refine train-ntp --config configs/tiny-deltanet.yaml ntp.steps=50
     refine train-ntp --config configs/tiny-deltanet.yaml ntp.resume=true   # continue after an interruption
+    torchrun --nproc_per_node=2 -m refine_core train-ntp --config configs/tiny-deltanet.yaml   # data-parallel
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ class TrainResult:
 def train_ntp(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
     """Train ``cfg.model`` with next-token prediction on ``cfg.prepared_dir``; see the module docstring."""
     ntp = cfg.ntp
-    session = TrainingSession.open(cfg, STAGE, ntp, tracker, batch_size=ntp.batch_size)
-    model, tokenizer, device = session.model, session.tokenizer, session.device
+    session = TrainingSession.open(cfg, STAGE, ntp, tracker, batch_size=ntp.batch_size, data_parallel=True)
+    model, tokenizer, device, sync = session.model, session.tokenizer, session.device, session.sync
     pad_id = tokenizer.pad_token_id
 
     history: list[dict[str, float]] = []
@@ -65,20 +70,25 @@ def train_ntp(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
             logger.info("stopping after %d steps of this run (ntp.stop_after)", ntp.stop_after)
             break
         t0 = time.perf_counter()
-        docs = [session.train_set[i] for i in session.batcher.next_indices()]
+        docs = [session.train_set[i] for i in sync.shard(session.batcher.next_indices())]  # this rank's share
         padded = [
             left_pad(docs[i : i + ntp.micro_batch_size], pad_id) for i in range(0, len(docs), ntp.micro_batch_size)
         ]
-        # Token mean over the whole optimizer batch: each micro-batch's summed loss is divided by the batch total.
-        n_targets = sum(count_targets(ntp_targets(ids, mask, ntp.mask_pad_in_loss)) for ids, mask in padded)
+        # Token mean over the whole optimizer batch: each micro-batch's summed loss is divided by the batch total
+        # (summed over all ranks; only the last micro-batch of each rank all-reduces the gradients).
+        n_targets = sync.total_count(
+            sum(count_targets(ntp_targets(ids, mask, ntp.mask_pad_in_loss)) for ids, mask in padded)
+        )
         loss_total = 0.0
-        for input_ids, attention_mask in padded:
-            with session.autocast():
-                loss_sum, _ = micro_batch_loss(
-                    model, input_ids.to(device), attention_mask.to(device), ntp.mask_pad_in_loss
-                )
-            (loss_sum / max(n_targets, 1)).backward()
+        for index, (input_ids, attention_mask) in enumerate(padded):
+            with sync.accumulate(last=index == len(padded) - 1):
+                with session.autocast():
+                    loss_sum, _ = sync.forward(
+                        micro_batch_loss, model, input_ids.to(device), attention_mask.to(device), ntp.mask_pad_in_loss
+                    )
+                sync.scale(loss_sum / max(n_targets, 1)).backward()
             loss_total += float(loss_sum.detach())
+        loss_total, n_tokens = sync.total(loss_total, sum(int(mask.sum()) for _, mask in padded))
         lr = session.scheduler.get_last_lr()[0]
         grad_norm, took = clip_and_step(model, session.optimizer, ntp.grad_clip)
         session.scheduler.step()
@@ -90,7 +100,7 @@ def train_ntp(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
             "ntp/lr": lr,
             "ntp/grad_norm": grad_norm,
             "ntp/skipped_steps": float(skipped),
-            "ntp/tokens_per_s": sum(int(mask.sum()) for _, mask in padded) / elapsed,
+            "ntp/tokens_per_s": n_tokens / elapsed,
             "ntp/step_time_s": elapsed,
         }
         if (ntp.eval_every and step % ntp.eval_every == 0) or step == ntp.steps:

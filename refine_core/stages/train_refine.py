@@ -6,7 +6,9 @@ positions, rollouts from the prefixes, rewards against the true continuation, GR
 per mini-batch on ``c_ntp · NTP + c_nsp · PPO``. The learning-rate scheduler steps once per REFINE step (spec
 §2 step 6.4). With ``refine.nsp_update=false`` the same loop trains the NTP-only baseline on the same documents.
 
-Sampling is seeded per (seed, step, document), so a resumed run follows the uninterrupted trajectory exactly.
+Sampling is seeded per (seed, step, document), so a resumed run follows the uninterrupted trajectory exactly, and
+under ``torchrun`` (each rank takes documents ``r, r + W, ...`` of the batch, :mod:`refine_core.distributed.ddp`)
+a document draws the same positions and rollouts on whichever rank it lands. Logged metrics are averaged over ranks.
 
 Command line::
 
@@ -36,7 +38,8 @@ def train_refine(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
     """Mid-train ``cfg.model`` with REFINE on ``cfg.prepared_dir``; see the module docstring."""
     rcfg = cfg.refine
     stage = STAGE if rcfg.nsp_update else f"{STAGE}-baseline"
-    session = TrainingSession.open(cfg, stage, rcfg, tracker, batch_size=rcfg.batch_size)
+    session = TrainingSession.open(cfg, stage, rcfg, tracker, batch_size=rcfg.batch_size, data_parallel=True)
+    sync = session.sync
     model, tokenizer = session.model, session.tokenizer
     reference = None
     if rcfg.kl_coef > 0:
@@ -57,7 +60,7 @@ def train_refine(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
             logger.info("stopping after %d steps of this run (refine.stop_after)", rcfg.stop_after)
             break
         t0 = time.perf_counter()
-        indices = session.batcher.next_indices()
+        indices = sync.shard(session.batcher.next_indices(), what="refine.batch_size")  # this rank's documents
         docs = [session.train_set.get_tensor(i) for i in indices]
         lr = session.scheduler.get_last_lr()[0]
         metrics = refine_step(
@@ -72,7 +75,11 @@ def train_refine(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
             eos_id=tokenizer.eos_token_id,
             autocast=session.autocast,
             reference_model=reference,
+            sync=sync,
         )
+        if sync.distributed:  # the mean over ranks (token-mean losses are already global inside refine_step)
+            summed = sync.total(*metrics.values())
+            metrics = {name: value / sync.world_size for name, value in zip(metrics, summed, strict=True)}
         session.scheduler.step()
         step += 1
         elapsed = time.perf_counter() - t0
@@ -80,7 +87,7 @@ def train_refine(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
             {
                 "refine/lr": lr,
                 "refine/step_time_s": elapsed,
-                "refine/tokens_per_s": sum(d.numel() for d in docs) / elapsed,
+                "refine/tokens_per_s": sync.total(sum(d.numel() for d in docs))[0] / elapsed,
             }
         )
         if (rcfg.eval_every and step % rcfg.eval_every == 0) or step == rcfg.steps:

@@ -13,6 +13,13 @@ In the algorithm's order:
 
 ``nsp_update=False`` runs only the NTP half on the same documents (the NTP-only baseline), with one optimizer
 step per mini-batch (``matched``) or per batch (``official``, spec §10.7).
+
+Data-parallel (``sync`` from a torchrun session, :mod:`refine_core.distributed.ddp`): ``docs`` are this rank's
+share of the batch, split so that every mini-batch is split evenly; each rank runs steps 0-5 on its documents. GRPO
+groups never span documents (``grouping`` is per document or per position), so the advantages need nothing from
+the other ranks. In step 6 the token counts of each mini-batch are summed over ranks, the loss is scaled by the
+number of ranks (DDP averages gradients) and the gradients are all-reduced once per optimizer step, so the update
+equals the single-process one on the whole batch.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from refine_core.algorithm.rollout import (
 )
 from refine_core.config import RefineConfig
 from refine_core.data.batching import left_pad
+from refine_core.distributed.ddp import ReplicaSync
 from refine_core.models import FastWeightForCausalLM
 from refine_core.training.losses import count_targets, lm_loss_sum, ntp_targets
 from refine_core.training.optim import clip_and_step
@@ -90,6 +98,11 @@ def _ntp_sum_fn(mask_pad: bool, lm_head_weight: torch.Tensor) -> Callable:
     return ntp_sum
 
 
+def _ntp_micro_sum(model: FastWeightForCausalLM, ids: torch.Tensor, mask: torch.Tensor, mask_pad: bool) -> torch.Tensor:
+    hidden = model(ids, attention_mask=mask, return_logits=False).hidden_states
+    return _ntp_sum_fn(mask_pad, model.lm_head.weight)(hidden, ids, mask)
+
+
 def _ntp_count(docs: Sequence[torch.Tensor], pad_id: int, mask_pad: bool) -> int:
     ids, mask = left_pad(list(docs), pad_id)
     return count_targets(ntp_targets(ids, mask, mask_pad))
@@ -103,23 +116,27 @@ def ntp_only_step(
     *,
     pad_id: int,
     autocast: Callable[[], AbstractContextManager[None]],
+    sync: ReplicaSync | None = None,
 ) -> dict[str, float]:
     """The NTP-only baseline on the same documents as a REFINE step."""
     device = model.device
-    per_step = cfg.mini_batch_size if cfg.baseline_schedule == "matched" else cfg.batch_size
+    sync = sync or ReplicaSync()
+    per_step = (cfg.mini_batch_size if cfg.baseline_schedule == "matched" else cfg.batch_size) // sync.world_size
     losses, norms, skipped = [], [], 0
     for lo in range(0, len(docs), per_step):
         group = list(docs[lo : lo + per_step])
-        total = _ntp_count(group, pad_id, cfg.mask_pad_in_loss)
+        total = sync.total_count(_ntp_count(group, pad_id, cfg.mask_pad_in_loss))
         loss_sum = 0.0
-        for mlo in range(0, len(group), cfg.micro_batch_size):
+        starts = range(0, len(group), cfg.micro_batch_size)
+        for mlo in starts:
             ids, mask = left_pad(group[mlo : mlo + cfg.micro_batch_size], pad_id)
             ids, mask = ids.to(device), mask.to(device)
-            with autocast():
-                hidden = model(ids, attention_mask=mask, return_logits=False).hidden_states
-                part = _ntp_sum_fn(cfg.mask_pad_in_loss, model.lm_head.weight)(hidden, ids, mask)
-            (cfg.ntp_loss_coef * part / max(total, 1)).backward()
+            with sync.accumulate(last=mlo == starts[-1]):
+                with autocast():
+                    part = sync.forward(_ntp_micro_sum, model, ids, mask, cfg.mask_pad_in_loss)
+                sync.scale(cfg.ntp_loss_coef * part / max(total, 1)).backward()
             loss_sum += float(part.detach())
+        (loss_sum,) = sync.total(loss_sum)
         grad_norm, took = clip_and_step(model, optimizer, cfg.grad_clip)
         losses.append(loss_sum / max(total, 1))
         norms.append(grad_norm)
@@ -145,14 +162,22 @@ def refine_step(
     eos_id: int | None,
     autocast: Callable[[], AbstractContextManager[None]],
     reference_model: FastWeightForCausalLM | None = None,
+    sync: ReplicaSync | None = None,
 ) -> dict[str, float]:
     """Run spec §2 steps 0-6 on ``docs`` (1-D token tensors without padding); returns the step's metrics.
 
     ``doc_ids`` are stable document ids (dataset indices) that, with ``seed`` and ``step``, seed the position and
-    rollout sampling, so a resumed run and both rollout engines draw the same positions and tokens.
+    rollout sampling, so a resumed run and both rollout engines draw the same positions and tokens. ``sync``: this
+    rank's view of a data-parallel run (see the module docstring); ``None`` is a single process.
     """
+    sync = sync or ReplicaSync()
+    if cfg.mini_batch_size % sync.world_size:
+        raise ValueError(
+            f"refine.mini_batch_size={cfg.mini_batch_size} is not a multiple of the {sync.world_size} ranks of this "
+            "torchrun job; every rank needs the same number of documents in each optimizer step."
+        )
     if not cfg.nsp_update:
-        return ntp_only_step(model, optimizer, docs, cfg, pad_id=pad_id, autocast=autocast)
+        return ntp_only_step(model, optimizer, docs, cfg, pad_id=pad_id, autocast=autocast, sync=sync)
     device = model.device
     timer = _Timer(device)
     settings = rollout_settings(cfg)
@@ -196,37 +221,42 @@ def refine_step(
     stats: list[dict[str, float]] = []
     norms, skipped, n_mini = [], 0, 0
     ntp_fn = _ntp_sum_fn(cfg.mask_pad_in_loss, model.lm_head.weight)
+    mini = cfg.mini_batch_size // sync.world_size  # this rank's documents per optimizer step
     with timer("time/update_s"):
-        for lo in range(0, len(docs), cfg.mini_batch_size):
-            rows = list(range(lo, min(lo + cfg.mini_batch_size, len(docs))))
-            ntp_total = _ntp_count([positions.docs[b] for b in rows], pad_id, cfg.mask_pad_in_loss)
+        for lo in range(0, len(docs), mini):
+            rows = list(range(lo, min(lo + mini, len(docs))))
+            # Global token counts of the mini-batch (summed over ranks).
+            ntp_total = sync.total_count(_ntp_count([positions.docs[b] for b in rows], pad_id, cfg.mask_pad_in_loss))
             in_mini = torch.isin(rollouts.doc_index, torch.tensor(rows))
-            rollout_total = int(in_mini.sum()) * k
-            for mlo in range(0, len(rows), cfg.micro_batch_size):
+            rollout_total = sync.total_count(int(in_mini.sum()) * k)
+            starts = range(0, len(rows), cfg.micro_batch_size)
+            for mlo in starts:
                 micro = rows[mlo : mlo + cfg.micro_batch_size]
                 sel = torch.isin(rollouts.doc_index, torch.tensor(micro))
                 part = rollouts.subset(sel)
-                with autocast():
-                    ntp_sum, logp = policy_pass(
-                        cfg.engine, model, positions, micro, part, settings, pad_id=pad_id, ntp_labels_fn=ntp_fn
+                with sync.accumulate(last=mlo == starts[-1]):
+                    with autocast():
+                        ntp_sum, logp = sync.forward(
+                            policy_pass, cfg.engine, model, positions, micro, part, settings, pad_id=pad_id,
+                            ntp_labels_fn=ntp_fn,
+                        )
+                    terms = ppo_clip_token_losses(
+                        logp,
+                        part.old_logp.to(device),
+                        advantages[sel].to(device),
+                        clip_eps=cfg.clip_eps,
+                        dual_clip=cfg.dual_clip,
+                        log_ratio_clamp=cfg.log_ratio_clamp,
                     )
-                terms = ppo_clip_token_losses(
-                    logp,
-                    part.old_logp.to(device),
-                    advantages[sel].to(device),
-                    clip_eps=cfg.clip_eps,
-                    dual_clip=cfg.dual_clip,
-                    log_ratio_clamp=cfg.log_ratio_clamp,
-                )
-                ones = torch.ones_like(terms.losses)
-                # Global token counts of the mini-batch: micro-batch losses add up to the mini-batch loss.
-                ppo = token_mean(terms.losses, ones, total_tokens=rollout_total)
-                loss = cfg.ntp_loss_coef * ntp_sum / max(ntp_total, 1) + cfg.nsp_loss_coef * ppo
-                if ref_logp is not None:
-                    kl = kl_penalty(logp, ref_logp[sel].to(device), cfg.kl_kind)
-                    loss = loss + cfg.kl_coef * kl.sum() / rollout_total
-                    sums["refine/kl"] += float(kl.detach().sum()) / rollout_total
-                loss.backward()
+                    ones = torch.ones_like(terms.losses)
+                    # Global token counts of the mini-batch: micro-batch losses add up to the mini-batch loss.
+                    ppo = token_mean(terms.losses, ones, total_tokens=rollout_total)
+                    loss = cfg.ntp_loss_coef * ntp_sum / max(ntp_total, 1) + cfg.nsp_loss_coef * ppo
+                    if ref_logp is not None:
+                        kl = kl_penalty(logp, ref_logp[sel].to(device), cfg.kl_kind)
+                        loss = loss + cfg.kl_coef * kl.sum() / rollout_total
+                        sums["refine/kl"] += float(kl.detach().sum()) / rollout_total
+                    sync.scale(loss).backward()
                 sums["refine/ntp_loss"] += float(ntp_sum.detach()) / max(ntp_total, 1)
                 sums["refine/nsp_loss"] += float(ppo.detach())
                 stats.append({**policy_loss_stats(terms, ones), "tokens": float(ones.sum())})
@@ -236,6 +266,8 @@ def refine_step(
             n_mini += 1
 
     weight = torch.tensor([s["tokens"] for s in stats])
+    # Each rank holds its part of the global token means: add them up (the identity in one process).
+    sums = dict(zip(sums, sync.total(*sums.values()), strict=True))
     metrics = {name: value / n_mini for name, value in sums.items()}
     metrics.update(_reward_metrics(rewards, rollouts.group_ids))
     metrics.update(

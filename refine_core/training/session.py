@@ -6,6 +6,11 @@ its algorithm, and calls :meth:`TrainingSession.save` / :meth:`TrainingSession.f
 and resumed run ends bitwise equal to an uninterrupted one.
 
 Each stage writes under ``{output_dir}/{stage}/``: ``checkpoints/step_*`` and the final ``model/``.
+
+Under ``torchrun`` with more than one rank (a stage opts in with ``data_parallel=True``), every rank opens the same
+session and resumes from the same checkpoint; ``session.sync`` (:class:`refine_core.distributed.ReplicaSync`)
+shards batches, sums counts and synchronises gradients through DDP, and only rank 0 logs, checkpoints and exports.
+In one process ``session.sync`` is the identity and nothing changes.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ import torch
 from refine_core.config import NTPConfig, PostTrainConfig, RefineConfig, RunConfig, dump_yaml
 from refine_core.data.batching import DocumentBatcher, iter_eval_batches
 from refine_core.data.shards import TokenizedDataset, data_fingerprint, load_manifest
+from refine_core.distributed.ddp import ReplicaSync, init_distributed, is_distributed_launch, make_replica_sync
 from refine_core.models import FastWeightForCausalLM, save_pretrained
 from refine_core.models.hub import read_state_dict
 from refine_core.runtime import autocast, capture_rng_state, restore_rng_state, seed_everything, select_device
 from refine_core.tokenizer import Tokenizer
 from refine_core.tracking import NullTracker, Tracker
-from refine_core.training.checkpoint import CheckpointManager
+from refine_core.training.checkpoint import CheckpointManager, step_dir_name
 from refine_core.training.losses import count_targets, lm_loss_sum, ntp_targets
 from refine_core.training.optim import OptimSettings, build_optimizer, build_scheduler
 from refine_core.training.setup import build_or_load_model, prepared_tokenizer
@@ -62,6 +68,8 @@ class TrainingSession:
     eval_set: Sequence[Any]
     start_step: int = 0
     resumed_state: dict[str, Any] = field(default_factory=dict)
+    # The other data-parallel ranks (the identity in a single process); see refine_core.distributed.ddp.
+    sync: ReplicaSync = field(default_factory=ReplicaSync)
 
     @classmethod
     def open(
@@ -77,19 +85,38 @@ class TrainingSession:
         train_set: Sequence[Any] | None = None,
         eval_set: Sequence[Any] | None = None,
         data_tag: str | None = None,
+        data_parallel: bool = False,
     ) -> TrainingSession:
         """Build everything from ``cfg`` and, with ``settings.resume``, restore the newest complete checkpoint.
 
         By default the data are the prepared shards (``refine prepare-data``) and their tokenizer; a stage that
         trains on task files passes its own ``tokenizer``, ``train_set`` (any sequence the batcher can index),
         ``eval_set`` and a ``data_tag`` naming them. ``optim`` overrides the optimiser fields of ``settings``.
+        ``data_parallel``: the stage's loop goes through ``session.sync``, so it may run under torchrun with more
+        than one rank (``batch_size`` must then be a multiple of the number of ranks).
         """
         tracker = tracker or NullTracker()
-        device = select_device(cfg.device)
+        ctx = None
+        if is_distributed_launch():
+            if not data_parallel:
+                raise ValueError(
+                    f"{stage} does not support data-parallel runs yet; run it as a single process (without torchrun "
+                    "or with --nproc_per_node=1)."
+                )
+            ctx = init_distributed(cfg.device)
+            if batch_size % ctx.world_size:
+                raise ValueError(
+                    f"{stage}: batch_size={batch_size} is not a multiple of the {ctx.world_size} ranks of this "
+                    "torchrun job; make the batch size a multiple of nproc_per_node x nodes."
+                )
+            if not ctx.is_main:
+                tracker = NullTracker()  # only rank 0 logs
+        device = select_device(cfg.device) if ctx is None else ctx.device
         seed_everything(cfg.seed)
         stage_dir = cfg.stage_dir(stage)
         stage_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, stage_dir / "config.yaml")
+        if ctx is None or ctx.is_main:
+            dump_yaml(cfg, stage_dir / "config.yaml")
 
         if train_set is None:
             tokenizer = prepared_tokenizer(cfg)
@@ -131,6 +158,7 @@ class TrainingSession:
             logger.info("resumed %s from %s at step %d", stage, latest, session.start_step)
         elif settings.resume:
             logger.info("%s.resume is set but there is no complete checkpoint yet: starting at step 0", stage)
+        session.sync = make_replica_sync(model, ctx)  # DDP broadcasts rank 0's weights; all ranks resumed alike
 
         tracker.log_config(cfg)
         tracker.set_tags({"refine.data_fingerprint": data_tag or "", "refine.resumed_from": str(latest)})
@@ -145,7 +173,14 @@ class TrainingSession:
         return autocast(self.device, self.cfg.precision)
 
     def save(self, step: int, extra: dict[str, Any] | None = None) -> Path:
-        """Atomic checkpoint of everything needed to continue at ``step`` (``extra`` must be weights_only-safe)."""
+        """Atomic checkpoint of everything needed to continue at ``step`` (``extra`` must be weights_only-safe).
+
+        Data-parallel: rank 0 writes (all ranks hold the same weights, optimizer state and data position) and
+        every rank waits at a barrier until the checkpoint is complete.
+        """
+        if not self.sync.is_main:
+            self.sync.barrier()
+            return self.checkpoints.root / step_dir_name(step)
         state = {
             "step": step,
             "optimizer": self.optimizer.state_dict(),
@@ -157,6 +192,7 @@ class TrainingSession:
         path = self.checkpoints.save(step, lambda d: save_pretrained(self.model, d, tokenizer=self.tokenizer), state)
         if self.cfg.tracking.log_checkpoints:
             self.tracker.log_artifacts(path, artifact_path=f"checkpoints/{path.name}")
+        self.sync.barrier()
         return path
 
     def finish(self, step: int) -> Path:
@@ -164,26 +200,34 @@ class TrainingSession:
         self.save(step)
         if step < self.settings.steps:
             return self.model_dir  # stopped early on purpose (stop_after): the checkpoint is what counts
-        save_pretrained(self.model, self.model_dir, tokenizer=self.tokenizer)
-        self.tracker.log_artifacts(self.model_dir, artifact_path="model")
+        if self.sync.is_main:
+            save_pretrained(self.model, self.model_dir, tokenizer=self.tokenizer)
+            self.tracker.log_artifacts(self.model_dir, artifact_path="model")
+        self.sync.barrier()  # the exported model exists before any rank returns it
         return self.model_dir
 
     @torch.no_grad()
     def eval_loss(self) -> float | None:
-        """Token-mean NTP loss over up to ``eval_max_docs`` held-out documents (pads never count)."""
+        """Token-mean NTP loss over up to ``eval_max_docs`` held-out documents (pads never count).
+
+        Data-parallel: rank ``r`` evaluates batches ``r, r + W, ...`` and the sums are added over ranks.
+        """
         if len(self.eval_set) == 0 or not self.settings.eval_max_docs:
             return None
         was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
-        for batch in iter_eval_batches(
+        for index, batch in enumerate(iter_eval_batches(
             self.eval_set, self.settings.micro_batch_size, self.tokenizer.pad_token_id, self.settings.eval_max_docs
-        ):
+        )):
+            if index % self.sync.world_size != self.sync.rank:
+                continue  # another rank evaluates this batch
             with self.autocast():
                 loss_sum, n = micro_batch_loss(
                     self.model, batch.input_ids.to(self.device), batch.attention_mask.to(self.device), mask_pad=True
                 )
             total += float(loss_sum)
             count += n
+        total, count = self.sync.total(total, count)
         self.model.train(was_training)
         return total / max(count, 1)

@@ -1,0 +1,41 @@
+"""Multi-GPU and multi-node training: DDP under ``torchrun`` and the Kubeflow Trainer v2 ``TrainJob`` launcher.
+
+* :mod:`refine_core.distributed.ddp` — the process group from torchrun's environment and :class:`ReplicaSync`,
+  through which the training loops shard batches, sum token counts and synchronise gradients with PyTorch's
+  ``DistributedDataParallel``. Imported here.
+* :mod:`refine_core.distributed.trainjob` — builds, validates, creates and watches a ``TrainJob``
+  (``trainer.kubeflow.org/v1alpha1``) that runs ``torchrun -m refine_core <stage>`` with our image. It needs the
+  ``kubernetes`` and ``kubeflow-trainer-api`` packages (the ``kfp`` extra), so it is not imported here.
+"""
+
+from __future__ import annotations
+
+from refine_core.distributed.ddp import (
+    DDPSync,
+    DistributedContext,
+    ReplicaSync,
+    barrier,
+    cleanup,
+    env_world_size,
+    get_rank,
+    init_distributed,
+    is_distributed_launch,
+    is_main_process,
+    make_replica_sync,
+    shard_for_rank,
+)
+
+__all__ = [
+    "DDPSync",
+    "DistributedContext",
+    "ReplicaSync",
+    "barrier",
+    "cleanup",
+    "env_world_size",
+    "get_rank",
+    "init_distributed",
+    "is_distributed_launch",
+    "is_main_process",
+    "make_replica_sync",
+    "shard_for_rank",
+]
