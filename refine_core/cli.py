@@ -4,10 +4,15 @@
     refine train-ntp --config configs/tiny-deltanet.yaml ntp.steps=20 device=cpu
     refine train-ntp --config configs/tiny-deltanet.yaml --print-config     # show the resolved config, run nothing
     python -m refine_core train-ntp ...                                      # same thing
+    refine pipeline run --config configs/tiny-cpu.yaml                      # the Kubeflow pipeline, locally
 
 Every subcommand takes ``--config FILE`` and ``key=value`` overrides (values are YAML: ``1e-6``, ``true``,
 ``[1, 2]``). A bad config exits with status 2 and a one-line message naming the key. A stage is one row of
 :data:`STAGES`; its module is imported only when it runs.
+
+``refine pipeline ...`` (compile / run locally / submit the Kubeflow pipelines) is the one place where this command
+line reaches the Kubeflow side: it hands the rest of the arguments to ``pipelines.cli``, imported by module name
+only when that subcommand runs, so ``refine_core`` never imports kfp (and works without it installed).
 """
 
 from __future__ import annotations
@@ -62,6 +67,23 @@ STAGES: dict[str, Stage] = {
 }
 
 
+PIPELINE_COMMAND = "pipeline"
+PIPELINE_MODULE = "pipelines.cli"
+
+
+def run_pipeline_command(argv: Sequence[str]) -> int:
+    """``refine pipeline ARGS``: import ``pipelines.cli`` now (it needs kfp) and run its ``main(ARGS)``."""
+    try:
+        module = importlib.import_module(PIPELINE_MODULE)
+    except ImportError as exc:
+        sys.stderr.write(
+            f"refine {PIPELINE_COMMAND}: error: cannot import {PIPELINE_MODULE} ({exc}); install the Kubeflow extra "
+            "from a checkout of this repository: pip install -e '.[kfp]'\n"
+        )
+        return 2
+    return int(module.main(list(argv)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="refine", description="REFINE for fast-weight language models: run one pipeline stage."
@@ -74,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", metavar="FILE", help="experiment YAML (default: built-in defaults)")
         sub.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. ntp.steps=20")
+    # Listed for --help only: main() hands ``refine pipeline ...`` to pipelines.cli before parsing.
+    commands.add_parser(PIPELINE_COMMAND, add_help=False,
+                        help="compile / run locally / submit the Kubeflow pipelines (refine pipeline --help)")
     return parser
 
 
@@ -92,6 +117,9 @@ def run_stage(command: str, cfg: RunConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``refine`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [PIPELINE_COMMAND]:
+        return run_pipeline_command(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         runtime.setup_logging(args.log_level)

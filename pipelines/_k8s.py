@@ -1,0 +1,131 @@
+"""Kubernetes settings of the pipeline tasks, in one place: resources, volumes, secrets, retries, timeouts, caching.
+
+The pipelines only wire tasks; each task then goes through :func:`gpu_stage`, :func:`data_stage` or
+:func:`light_stage`. Names of the cluster objects the pods read (they are created by ``manifests/``):
+
+* Secret ``refine-data-s3-credentials`` -> ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (boto3: ``s3://``
+  corpora and checkpoints; MLflow artifacts go through the server's proxy and need no keys);
+* Secret ``refine-mlflow-auth`` (optional) -> ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, for an
+  MLflow server behind basic auth;
+* ConfigMap ``refine-config`` -> ``MLFLOW_TRACKING_URI``, and where present ``MLFLOW_EXPERIMENT_NAME``,
+  ``MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD``, ``AWS_ENDPOINT_URL_S3``, ``AWS_DEFAULT_REGION``.
+
+Credentials reach pods only this way: never as pipeline parameters, so the compiled IR and the KFP run records
+hold none. ``tests/pipelines/test_compile.py`` asserts that.
+
+Why one GPU per stage: a lightweight component runs the stage as one process; a stage that needs several GPUs or
+nodes goes through the Kubeflow Trainer ``TrainJob`` launcher (``components/launch_trainjob.py``, mlops-notes
+§4.3) instead, not through a larger limit here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kfp import dsl, kubernetes
+
+S3_SECRET = "refine-data-s3-credentials"
+S3_SECRET_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+MLFLOW_AUTH_SECRET = "refine-mlflow-auth"
+MLFLOW_AUTH_ENV = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                   "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
+CONFIG_MAP = "refine-config"
+CONFIG_ENV = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}
+# Keys a deployment may leave out: an optional reference leaves a missing key's variable unset.
+CONFIG_OPTIONAL_ENV = {
+    key: key
+    for key in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "AWS_ENDPOINT_URL_S3",
+                "AWS_DEFAULT_REGION")
+}
+# The stages write checkpoints to a temporary directory before the final model is copied into the output
+# artifact (refine_core.kfp_support.work_dir): an emptyDir on /tmp gives that a size limit and keeps it off the
+# container's writable layer. Not an environment variable: kfp.local applies set_env_variable on a laptop too.
+WORK_VOLUME, WORK_MOUNT = "tmp", "/tmp"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class StageResources:
+    """What one task asks of the cluster.
+
+    Attributes:
+        cpu / memory: requests and limits (``"8"``, ``"64Gi"``).
+        gpus: ``nvidia.com/gpu`` limit (0: a CPU task).
+        timeout_s: the pod's ``activeDeadlineSeconds``.
+        retries: retries after a failure (pod eviction, spot preemption, a transient S3 error); a retried
+            training stage starts over, because its working directory is per pod.
+        shm: size of the ``/dev/shm`` memory emptyDir (PyTorch data loading and NCCL need more than Docker's 64M).
+        work: size limit of the ``/tmp`` emptyDir where the stage keeps its checkpoints.
+    """
+
+    cpu: str
+    memory: str
+    gpus: int = 0
+    timeout_s: int = 3600
+    retries: int = 1
+    shm: str = "16Gi"
+    work: str = "200Gi"
+
+
+# Sized for the paper's 1.3B DeltaNet at 16K tokens on one H100 (80 GB): mid-training runs for about a day.
+MIDTRAIN = StageResources(cpu="12", memory="96Gi", gpus=1, timeout_s=48 * 3600, retries=2)
+POSTTRAIN = StageResources(cpu="12", memory="96Gi", gpus=1, timeout_s=24 * 3600, retries=2)
+EVALUATE = StageResources(cpu="12", memory="96Gi", gpus=1, timeout_s=24 * 3600, retries=2)
+DATA = StageResources(cpu="8", memory="32Gi", timeout_s=6 * 3600, retries=2, shm="2Gi")
+LIGHT = StageResources(cpu="1", memory="2Gi", timeout_s=15 * 60, retries=3, shm="", work="1Gi")
+
+
+def run_context() -> dict[str, str]:
+    """The KFP run id and task name placeholders every MLflow-logging component takes (``**run_context()``).
+
+    The run id also makes the task's cache key unique per pipeline run, so a task that logs to MLflow is never
+    served from another run's cache.
+    """
+    return {"kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "kfp_task": dsl.PIPELINE_TASK_NAME_PLACEHOLDER}
+
+
+def _common(task: dsl.PipelineTask, res: StageResources, name: str, *, s3: bool, cache: bool) -> dsl.PipelineTask:
+    task.set_display_name(name)
+    task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu)
+    task.set_memory_request(res.memory).set_memory_limit(res.memory)
+    task.set_retry(num_retries=res.retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="900s")
+    task.set_caching_options(enable_caching=cache)
+    kubernetes.set_timeout(task, res.timeout_s)
+    kubernetes.use_config_map_as_env(task, CONFIG_MAP, CONFIG_ENV)
+    kubernetes.use_config_map_as_env(task, CONFIG_MAP, CONFIG_OPTIONAL_ENV, optional=True)
+    kubernetes.use_secret_as_env(task, MLFLOW_AUTH_SECRET, MLFLOW_AUTH_ENV, optional=True)
+    if s3:
+        kubernetes.use_secret_as_env(task, S3_SECRET, S3_SECRET_ENV)
+    if res.shm:
+        kubernetes.empty_dir_mount(task, volume_name="shm", mount_path="/dev/shm", medium="Memory", size_limit=res.shm)
+    if res.work:
+        kubernetes.empty_dir_mount(task, volume_name=WORK_VOLUME, mount_path=WORK_MOUNT, size_limit=res.work)
+    kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "refine")
+    return task
+
+
+def gpu_stage(task: dsl.PipelineTask, res: StageResources, name: str) -> dsl.PipelineTask:
+    """A training or evaluation task: GPUs, ``/dev/shm``, a working volume, secrets, retries, a timeout, and no
+    caching.
+
+    Caching is off for training although it is seeded: on GPUs the result is not bitwise reproducible (bf16
+    autocast, atomics in the Triton kernels), and each run must log its own nested MLflow run under this
+    pipeline's parent run, with metrics, which a cache hit would skip. The run-id placeholder in the task's
+    inputs (:func:`run_context`) would make the cache key unique anyway; this states it in the IR.
+    """
+    _common(task, res, name, s3=True, cache=False)
+    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(res.gpus)
+    kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+    return task
+
+
+def data_stage(task: dsl.PipelineTask, res: StageResources, name: str) -> dsl.PipelineTask:
+    """Data preparation: cached, since its output depends only on the config and the corpora it names (it logs
+    no MLflow run and takes no run id). A changed config text gives a new cache key."""
+    return _common(task, res, name, s3=True, cache=True)
+
+
+def light_stage(task: dsl.PipelineTask, name: str, res: StageResources = LIGHT) -> dsl.PipelineTask:
+    """A small CPU task that talks to MLflow (parent run, report, registry): not cached, no S3 credentials
+    (MLflow's proxied artifact store holds them server-side)."""
+    return _common(task, res, name, s3=False, cache=False)

@@ -1,0 +1,131 @@
+"""``refine pipeline compile|run|submit``: reached from the ``refine`` command line, compile writes IR files, a
+config holding a credential is refused, and submit drives kfp.Client (a recording fake here) through upload,
+version, experiment, run and wait."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import kfp
+import pytest
+import yaml
+
+from pipelines import PIPELINES, cli
+from refine_core import cli as refine_cli
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "tiny-cpu.yaml")
+
+
+def test_compile_through_the_refine_command(tmp_path: Path, capsys) -> None:
+    assert refine_cli.main(["pipeline", "compile", "--output", str(tmp_path)]) == 0
+    written = sorted(p.name for p in tmp_path.glob("*.yaml"))
+    assert written == sorted(f"refine-{n}.yaml" for n in PIPELINES)
+    assert "wrote" in capsys.readouterr().out
+    assert refine_cli.main(["pipeline", "compile", "--pipeline", "eval", "--output", str(tmp_path / "one")]) == 0
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["refine-eval.yaml"]
+
+
+def test_refine_help_lists_the_pipeline_command(capsys) -> None:
+    with pytest.raises(SystemExit):
+        refine_cli.main(["--help"])
+    assert "pipeline" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override", [
+    "tracking.tags={aws_secret_access_key: AKIAXXXXXXXX}",
+    "tracking.tracking_uri=https://alice:hunter22@mlflow.example.com",
+])
+def test_a_config_with_a_credential_is_refused(override: str, capsys) -> None:
+    assert cli.main(["run", "--config", TINY, override]) == 2
+    assert "Kubernetes Secrets" in capsys.readouterr().err
+
+
+def test_bad_config_exits_2(capsys) -> None:
+    assert cli.main(["run", "--config", TINY, "refine.stepz=3"]) == 2
+    assert "refine.stepz" in capsys.readouterr().err
+
+
+def test_local_config_makes_task_paths_absolute(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # not the repository: paths resolve through the config file's location
+    cfg, text = cli.pipeline_config(TINY, [], absolute_paths=True)
+    for path in [*cfg.post.train_files, *cfg.eval.task_files]:
+        assert Path(path).is_absolute() and Path(path).is_file()
+    assert yaml.safe_load(text)["post"]["train_files"] == cfg.post.train_files
+    remote, _ = cli.pipeline_config(TINY, [], absolute_paths=False)
+    assert remote.post.train_files == ["configs/data/ruler_squadqa_tiny_1024_train.parquet"]
+
+
+class FakeClient:
+    """Records the kfp.Client calls `submit` makes; the pipeline exists after the first upload."""
+
+    def __init__(self, state: str = "SUCCEEDED", **kwargs: Any) -> None:
+        self.kwargs, self.state, self.calls, self.pipelines = kwargs, state, [], {}
+
+    def get_pipeline_id(self, name: str) -> str | None:
+        self.calls.append(("get_pipeline_id", name))
+        return self.pipelines.get(name)
+
+    def upload_pipeline(self, path: str, pipeline_name: str, description: str, namespace: str | None):
+        assert Path(path).is_file()
+        self.calls.append(("upload_pipeline", pipeline_name))
+        self.pipelines[pipeline_name] = "pid-1"
+        return SimpleNamespace(pipeline_id="pid-1")
+
+    def upload_pipeline_version(self, path: str, pipeline_version_name: str, pipeline_id: str):
+        assert yaml.safe_load_all(Path(path).read_text())
+        self.calls.append(("upload_pipeline_version", pipeline_version_name, pipeline_id))
+        return SimpleNamespace(pipeline_version_id=f"vid-{len(self.calls)}")
+
+    def create_experiment(self, name: str, namespace: str | None = None):
+        self.calls.append(("create_experiment", name))
+        return SimpleNamespace(experiment_id="eid-1")
+
+    def run_pipeline(self, experiment_id: str, job_name: str, params: dict, pipeline_id: str, version_id: str):
+        self.calls.append(("run_pipeline", experiment_id, job_name, pipeline_id, version_id))
+        self.params = params
+        return SimpleNamespace(run_id="rid-1")
+
+    def wait_for_run_completion(self, run_id: str, timeout: int):
+        self.calls.append(("wait", run_id, timeout))
+        return SimpleNamespace(state=self.state)
+
+
+@pytest.mark.parametrize(("state", "status"), [("SUCCEEDED", 0), ("FAILED", 1)])
+def test_submit_uploads_a_version_runs_it_and_waits(monkeypatch, capsys, state: str, status: int) -> None:
+    clients: list[FakeClient] = []
+    monkeypatch.setenv("KFP_TOKEN", "fake-token")
+
+    def make_client(**kwargs: Any) -> FakeClient:
+        clients.append(FakeClient(state, **kwargs))
+        return clients[-1]
+
+    monkeypatch.setattr(kfp, "Client", make_client)
+    argv = ["submit", "--host", "http://kfp.example:8080", "--config", TINY, "--experiment", "nightly",
+            "--version-name", "v-1", "--run-name", "r-1", "--param", "model_name=deltanet-x", "--wait",
+            "refine.steps=3"]
+    assert cli.main(argv) == status
+    [client] = clients
+    assert client.kwargs == {"host": "http://kfp.example:8080", "namespace": "kubeflow", "existing_token": "fake-token"}
+    assert [c[0] for c in client.calls] == ["get_pipeline_id", "upload_pipeline", "upload_pipeline_version",
+                                            "create_experiment", "run_pipeline", "wait"]
+    assert client.calls[2] == ("upload_pipeline_version", "v-1", "pid-1")
+    assert client.calls[4] == ("run_pipeline", "eid-1", "r-1", "pid-1", "vid-3")
+    assert set(client.params) == {"config_yaml", "model_name"} and client.params["model_name"] == "deltanet-x"
+    assert yaml.safe_load(client.params["config_yaml"])["refine"]["steps"] == 3
+    # a cluster resolves task files in the pod: they stay as written
+    assert yaml.safe_load(client.params["config_yaml"])["post"]["train_files"][0].startswith("configs/")
+    out = capsys.readouterr().out
+    assert "http://kfp.example:8080/#/runs/details/rid-1" in out and f"finished: {state}" in out
+
+
+def test_submit_reuses_an_existing_pipeline_without_waiting() -> None:
+    client = FakeClient()
+    client.pipelines["refine-eval"] = "pid-9"
+    run_id, state = cli.submit("http://h", "eval", {"config_yaml": "{}", "model_uri": "s3://b/m"}, experiment="e",
+                               run_name="r", version_name="v", client=client)
+    assert (run_id, state) == ("rid-1", None)
+    assert [c[0] for c in client.calls] == ["get_pipeline_id", "upload_pipeline_version", "create_experiment",
+                                            "run_pipeline"]
