@@ -1,5 +1,6 @@
 # Two commands on a fresh machine (see README.md):
-#   make demo   set up .venv and run the main job on the tiny default config (CPU, embedded MLflow)
+#   make demo   set up .venv and run the main job: the full Kubeflow pipeline on the tiny CPU config, locally
+#               through kfp.local, logging to the embedded MLflow store
 #   make test   set up .venv and run the test suite plus the linter
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel that lives on these machines; installed before anything that depends on torch, so that pip
 # never resolves a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-DEMO_CONFIG ?= configs/tiny-deltanet.yaml
+DEMO_CONFIG ?= configs/tiny-cpu.yaml
 
 .PHONY: setup demo test lint clean
 
@@ -21,8 +22,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/refine prepare-data --config $(DEMO_CONFIG)
-	$(VENV)/bin/refine train-ntp --config $(DEMO_CONFIG)
+	$(VENV)/bin/refine pipeline run --config $(DEMO_CONFIG)
 
 test: setup
 	$(VENV)/bin/ruff check .
