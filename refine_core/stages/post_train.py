@@ -168,8 +168,7 @@ def post_train(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
         session.scheduler.step()
         step += 1
         metrics["post/step_time_s"] = time.perf_counter() - t0
-        history.append({"step": float(step), **metrics})
-        session.tracker.log_metrics(metrics, step=step)
+        session.after_step(step, metrics, history)
         if step % post.log_every == 0 or step == post.steps:
             logger.info(
                 "post-train %s step %d/%d | sft %.4f%s",
@@ -179,7 +178,5 @@ def post_train(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
                 metrics["post/sft_loss"],
                 f" | reward {metrics['refine/reward_mean']:.3f}" if "refine/reward_mean" in metrics else "",
             )
-        if post.save_every and step % post.save_every == 0 and step < post.steps:
-            session.save(step)
     model_dir = session.finish(step)
     return TrainResult(model_dir=model_dir, steps=step, final_eval_loss=None, history=history)

@@ -54,14 +54,7 @@ def train_ntp(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
     pad_id = tokenizer.pad_token_id
 
     history: list[dict[str, float]] = []
-    eval_loss: float | None = None
-    if session.start_step == 0 and ntp.eval_every:
-        # The untrained model's held-out loss: the reference point for "the loss falls".
-        eval_loss = session.eval_loss()
-        if eval_loss is not None:
-            session.tracker.log_metrics({"eval/loss": eval_loss}, step=0)
-            history.append({"step": 0.0, "eval/loss": eval_loss})
-            logger.info("step 0/%d | eval %.4f", ntp.steps, eval_loss)
+    eval_loss = session.baseline_eval(history)
 
     skipped = 0
     step = session.start_step
@@ -103,12 +96,8 @@ def train_ntp(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
             "ntp/tokens_per_s": n_tokens / elapsed,
             "ntp/step_time_s": elapsed,
         }
-        if (ntp.eval_every and step % ntp.eval_every == 0) or step == ntp.steps:
-            eval_loss = session.eval_loss()
-            if eval_loss is not None:
-                metrics["eval/loss"] = eval_loss
-        history.append({"step": float(step), **metrics})
-        session.tracker.log_metrics(metrics, step=step)
+        session.after_step(step, metrics, history)
+        eval_loss = metrics.get("eval/loss", eval_loss)
         if step % ntp.log_every == 0 or step == ntp.steps:
             logger.info(
                 "step %d/%d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s%s",
@@ -120,8 +109,6 @@ def train_ntp(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
                 metrics["ntp/tokens_per_s"],
                 f" | eval {eval_loss:.4f}" if "eval/loss" in metrics else "",
             )
-        if ntp.save_every and step % ntp.save_every == 0 and step < ntp.steps:
-            session.save(step)
 
     model_dir = session.finish(step)
     return TrainResult(model_dir=model_dir, steps=step, final_eval_loss=eval_loss, history=history)

@@ -47,12 +47,7 @@ def train_refine(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
 
     history: list[dict[str, float]] = []
-    eval_loss: float | None = None
-    if session.start_step == 0 and rcfg.eval_every:
-        eval_loss = session.eval_loss()
-        if eval_loss is not None:
-            session.tracker.log_metrics({"eval/loss": eval_loss}, step=0)
-            history.append({"step": 0.0, "eval/loss": eval_loss})
+    eval_loss = session.baseline_eval(history)
 
     step = session.start_step
     while step < rcfg.steps:
@@ -90,12 +85,8 @@ def train_refine(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
                 "refine/tokens_per_s": sync.total(sum(d.numel() for d in docs))[0] / elapsed,
             }
         )
-        if (rcfg.eval_every and step % rcfg.eval_every == 0) or step == rcfg.steps:
-            eval_loss = session.eval_loss()
-            if eval_loss is not None:
-                metrics["eval/loss"] = eval_loss
-        history.append({"step": float(step), **metrics})
-        session.tracker.log_metrics(metrics, step=step)
+        session.after_step(step, metrics, history)
+        eval_loss = metrics.get("eval/loss", eval_loss)
         if step % rcfg.log_every == 0 or step == rcfg.steps:
             logger.info(
                 "step %d/%d | ntp %.4f | nsp %.4f | reward %.3f±%.3f (cos %.3f, em %.3f) | clip %.3f | %.1fs%s",
@@ -111,8 +102,6 @@ def train_refine(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
                 elapsed,
                 f" | eval {eval_loss:.4f}" if "eval/loss" in metrics else "",
             )
-        if rcfg.save_every and step % rcfg.save_every == 0 and step < rcfg.steps:
-            session.save(step)
 
     model_dir = session.finish(step)
     return TrainResult(model_dir=model_dir, steps=step, final_eval_loss=eval_loss, history=history)

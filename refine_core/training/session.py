@@ -206,6 +206,30 @@ class TrainingSession:
         self.sync.barrier()  # the exported model exists before any rank returns it
         return self.model_dir
 
+    def baseline_eval(self, history: list[dict[str, float]]) -> float | None:
+        """The held-out loss before the first step of a fresh run: the reference point for "the loss falls"."""
+        if self.start_step or not getattr(self.settings, "eval_every", 0):
+            return None
+        loss = self.eval_loss()
+        if loss is not None:
+            self.tracker.log_metrics({"eval/loss": loss}, step=0)
+            history.append({"step": 0.0, "eval/loss": loss})
+            logger.info("step 0/%d | eval %.4f", self.settings.steps, loss)
+        return loss
+
+    def after_step(self, step: int, metrics: dict[str, float], history: list[dict[str, float]]) -> None:
+        """The end of every step: held-out loss on schedule (added to ``metrics``), history, tracker, checkpoint."""
+        settings = self.settings
+        every = getattr(settings, "eval_every", 0)
+        if (every and step % every == 0) or step == settings.steps:
+            loss = self.eval_loss()
+            if loss is not None:
+                metrics["eval/loss"] = loss
+        history.append({"step": float(step), **metrics})
+        self.tracker.log_metrics(metrics, step=step)
+        if settings.save_every and step % settings.save_every == 0 and step < settings.steps:
+            self.save(step)
+
     @torch.no_grad()
     def eval_loss(self) -> float | None:
         """Token-mean NTP loss over up to ``eval_max_docs`` held-out documents (pads never count).
