@@ -25,6 +25,20 @@ def apply_padding_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tens
     return x * mask.view(*mask.shape, *([1] * (x.dim() - 2))).to(x.dtype)
 
 
+def conv_qkv(
+    layer: nn.Module, x: torch.Tensor, state: LayerState | None, use_cache: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...] | None]:
+    """q, k, v through the layer's projections and short convolutions, continuing from ``state``'s conv caches.
+
+    Returns the three ``[B, T, D]`` tensors and the new conv caches (``None`` unless ``use_cache``).
+    """
+    cq, ck, cv = state.conv_states if state is not None and state.conv_states is not None else (None,) * 3
+    q, cq = layer.q_conv1d(layer.q_proj(x), cache=cq, output_final_state=use_cache)
+    k, ck = layer.k_conv1d(layer.k_proj(x), cache=ck, output_final_state=use_cache)
+    v, cv = layer.v_conv1d(layer.v_proj(x), cache=cv, output_final_state=use_cache)
+    return q, k, v, ((cq, ck, cv) if use_cache else None)
+
+
 class DeltaNet(nn.Module):
     """One DeltaNet layer's token mixer (named ``attn`` inside a block, as in fla)."""
 
@@ -56,19 +70,12 @@ class DeltaNet(nn.Module):
     def _qkv(
         self, x: torch.Tensor, state: LayerState | None, use_cache: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...] | None]:
-        cfg = self.config
-        if cfg.use_short_conv:
-            cq, ck, cv = state.conv_states if state is not None and state.conv_states is not None else (None,) * 3
-            q, cq = self.q_conv1d(self.q_proj(x), cache=cq, output_final_state=use_cache)
-            k, ck = self.k_conv1d(self.k_proj(x), cache=ck, output_final_state=use_cache)
-            v, cv = self.v_conv1d(self.v_proj(x), cache=cv, output_final_state=use_cache)
-            conv_states = (cq, ck, cv) if use_cache else None
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), F.silu(self.v_proj(x))
-            if cfg.qk_activation == "silu":
-                q, k = F.silu(q), F.silu(k)
-            conv_states = None
-        return q, k, v, conv_states
+        if self.config.use_short_conv:
+            return conv_qkv(self, x, state, use_cache)
+        q, k, v = self.q_proj(x), self.k_proj(x), F.silu(self.v_proj(x))
+        if self.config.qk_activation == "silu":
+            q, k = F.silu(q), F.silu(k)
+        return q, k, v, None
 
     def forward(
         self,

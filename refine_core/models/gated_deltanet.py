@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from refine_core.models.cache import LayerState
 from refine_core.models.configuration import GatedDeltaNetConfig
-from refine_core.models.deltanet import apply_padding_mask
+from refine_core.models.deltanet import apply_padding_mask, conv_qkv
 from refine_core.models.layers import GatedRMSNorm, RMSNorm, ShortConvolution
 from refine_core.models.ops import delta_rule
 
@@ -75,11 +75,7 @@ class GatedDeltaNet(nn.Module):
         batch, seq_len, _ = hidden_states.shape
         x = apply_padding_mask(hidden_states, attention_mask)
         if cfg.use_short_conv:
-            cq, ck, cv = state.conv_states if state is not None and state.conv_states is not None else (None,) * 3
-            q, cq = self.q_conv1d(self.q_proj(x), cache=cq, output_final_state=use_cache)
-            k, ck = self.k_conv1d(self.k_proj(x), cache=ck, output_final_state=use_cache)
-            v, cv = self.v_conv1d(self.v_proj(x), cache=cv, output_final_state=use_cache)
-            conv_states = (cq, ck, cv) if use_cache else None
+            q, k, v, conv_states = conv_qkv(self, x, state, use_cache)
         else:
             q, k, v = F.silu(self.q_proj(x)), F.silu(self.k_proj(x)), F.silu(self.v_proj(x))
             conv_states = None
