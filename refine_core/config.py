@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -103,13 +103,13 @@ class DataConfig:
 
 
 @dataclass
-class NTPConfig:
-    """The next-token-prediction trainer (the baseline, and the NTP half of every later stage)."""
+class TrainingLoopConfig:
+    """What every training loop shares: AdamW and its schedule (spec §3 defaults), logging, held-out loss,
+    checkpoints and resuming. ``ntp`` and ``refine`` extend it; ``section`` names them in error messages."""
+
+    section: ClassVar[str] = "train"
 
     steps: int = 100
-    # Documents per optimizer step; split into micro-batches of ``micro_batch_size`` (gradient accumulation).
-    batch_size: int = 8
-    micro_batch_size: int = 2
     lr: float = 1e-6
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
@@ -118,8 +118,6 @@ class NTPConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    # Mask pad tokens out of the NTP loss. ``False`` reproduces the official DeltaNet bug (spec §10.4).
-    mask_pad_in_loss: bool = True
     log_every: int = 1
     # Held-out loss every ``eval_every`` steps (0 = only at the end) on up to ``eval_max_docs`` documents.
     eval_every: int = 10
@@ -127,13 +125,43 @@ class NTPConfig:
     # Atomic checkpoint every ``save_every`` steps (0 = only at the end); keep the newest ``keep_checkpoints``.
     save_every: int = 50
     keep_checkpoints: int = 2
-    # Continue from the newest complete checkpoint in ``{output_dir}/checkpoints`` if one exists.
+    # Continue from the newest complete checkpoint of this stage if one exists.
     resume: bool = False
     # Stop after this many steps of this process (simulates an interruption in tests; ``None`` = run to the end).
     stop_after: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "micro_batch_size"):
+        name = self.section
+        if self.steps < 1:
+            raise ConfigError(f"{name}.steps={self.steps} must be >= 1.")
+        if self.lr_schedule not in ("constant", "cosine", "linear"):
+            raise ConfigError(f"{name}.lr_schedule={self.lr_schedule!r}; use 'constant', 'cosine' or 'linear'.")
+        if self.lr <= 0 or self.grad_clip <= 0:
+            raise ConfigError(f"{name}.lr and {name}.grad_clip must be > 0.")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError(
+                f"{name}.warmup_steps={self.warmup_steps} must be in [0, {name}.steps={self.steps}]; shorten the "
+                "warm-up."
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{name}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
+
+
+@dataclass
+class NTPConfig(TrainingLoopConfig):
+    """The next-token-prediction trainer (the baseline, and the NTP half of every later stage)."""
+
+    section: ClassVar[str] = "ntp"
+
+    # Documents per optimizer step; split into micro-batches of ``micro_batch_size`` (gradient accumulation).
+    batch_size: int = 8
+    micro_batch_size: int = 2
+    # Mask pad tokens out of the NTP loss. ``False`` reproduces the official DeltaNet bug (spec §10.4).
+    mask_pad_in_loss: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("batch_size", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ntp.{name}={getattr(self, name)} must be >= 1.")
         if self.batch_size % self.micro_batch_size:
@@ -141,24 +169,17 @@ class NTPConfig:
                 f"ntp.batch_size={self.batch_size} is not a multiple of ntp.micro_batch_size="
                 f"{self.micro_batch_size}; pick a micro-batch size that divides the batch."
             )
-        if self.lr_schedule not in ("constant", "cosine", "linear"):
-            raise ConfigError(f"ntp.lr_schedule={self.lr_schedule!r}; use 'constant', 'cosine' or 'linear'.")
-        if self.lr <= 0 or self.grad_clip <= 0:
-            raise ConfigError("ntp.lr and ntp.grad_clip must be > 0.")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(
-                f"ntp.warmup_steps={self.warmup_steps} must be in [0, ntp.steps={self.steps}]; shorten the warm-up."
-            )
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"ntp.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
 
 
 @dataclass
-class RefineConfig:
+class RefineConfig(TrainingLoopConfig):
     """The REFINE inner step and the mid-training loop around it. Defaults are the paper's mid-training run
-    (spec §3); the official flag each field replaces is named in its comment."""
+    (spec §3); the official flag each field replaces is named in its comment. The optimiser fields (spec §3: AdamW
+    lr 1e-6, betas (0.9, 0.999), wd 0.01, constant, clip 1.0) come from :class:`TrainingLoopConfig`; the scheduler
+    steps once per REFINE step, not per optimizer step."""
 
-    steps: int = 100
+    section: ClassVar[str] = "refine"
+
     # Documents per step (data.train_batch_size) and per optimizer step (ttt_ppo_mini_batch_size): 128 / 32 gives
     # 4 optimizer steps per step (spec §2 step 6.1). Micro-batches only bound memory; they never change the loss.
     batch_size: int = 128
@@ -203,26 +224,11 @@ class RefineConfig:
     # ``faithful`` only: left-pad every rollout prefix to the full document length, as the official code does.
     pad_prefix_to_full_length: bool = False
     mask_pad_in_loss: bool = True
-    # AdamW and schedule (spec §3: lr 1e-6, betas (0.9, 0.999), wd 0.01, constant, clip 1.0). The scheduler steps
-    # once per REFINE step, not per optimizer step.
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    log_every: int = 1
-    eval_every: int = 10
-    eval_max_docs: int = 32
     save_every: int = 20
-    keep_checkpoints: int = 2
-    resume: bool = False
-    stop_after: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in (
-            "steps",
             "batch_size",
             "mini_batch_size",
             "micro_batch_size",
@@ -244,7 +250,6 @@ class RefineConfig:
             "kl_kind": ("k1", "k2", "k3"),
             "baseline_schedule": ("matched", "official"),
             "engine": ("branch", "faithful"),
-            "lr_schedule": ("constant", "cosine", "linear"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -258,8 +263,6 @@ class RefineConfig:
             raise ConfigError("refine.temperature must be > 0 (rollouts are sampled).")
         if min(self.ntp_loss_coef, self.nsp_loss_coef, self.kl_coef) < 0:
             raise ConfigError("refine loss coefficients must be >= 0.")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(f"refine.warmup_steps={self.warmup_steps} must be in [0, refine.steps={self.steps}].")
 
 
 @dataclass
