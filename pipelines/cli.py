@@ -249,10 +249,27 @@ def submit(
     _out(f"  {host.rstrip('/')}/#/runs/details/{run.run_id}")
     if not wait:
         return run.run_id, None
-    finished = client.wait_for_run_completion(run.run_id, timeout=timeout_s)
-    state = str(finished.state)
+    state = wait_for_run(client, run.run_id, timeout_s)
     _out(f"run {run.run_id} finished: {state}")
     return run.run_id, state
+
+
+# Run states after which a KFP run never changes again. kfp 2.17's own wait_for_run_completion leaves CANCELED
+# out (kubeflow/pipelines#14473) and would poll a canceled run until the timeout.
+FINAL_RUN_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED")
+
+
+def wait_for_run(client: Any, run_id: str, timeout_s: float, poll_s: float = 5.0) -> str:
+    """Poll the run until it reaches a final state; ``TIMEOUT`` when ``timeout_s`` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = str(client.get_run(run_id).state)
+        if state in FINAL_RUN_STATES:
+            return state
+        if time.monotonic() >= deadline:
+            logger.error("run %s is still %s after %.0f s; it keeps running on the cluster", run_id, state, timeout_s)
+            return "TIMEOUT"
+        time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
 
 
 

@@ -88,8 +88,8 @@ class FakeClient:
         self.params = params
         return SimpleNamespace(run_id="rid-1")
 
-    def wait_for_run_completion(self, run_id: str, timeout: int):
-        self.calls.append(("wait", run_id, timeout))
+    def get_run(self, run_id: str):
+        self.calls.append(("get_run", run_id))
         return SimpleNamespace(state=self.state)
 
 
@@ -110,7 +110,7 @@ def test_submit_uploads_a_version_runs_it_and_waits(monkeypatch, capsys, state: 
     [client] = clients
     assert client.kwargs == {"host": "http://kfp.example:8080", "namespace": "kubeflow", "existing_token": "fake-token"}
     assert [c[0] for c in client.calls] == ["get_pipeline_id", "upload_pipeline", "upload_pipeline_version",
-                                            "create_experiment", "run_pipeline", "wait"]
+                                            "create_experiment", "run_pipeline", "get_run"]
     assert client.calls[2] == ("upload_pipeline_version", "v-1", "pid-1")
     assert client.calls[4] == ("run_pipeline", "eid-1", "r-1", "pid-1", "vid-3")
     assert set(client.params) == {"config_yaml", "model_name"} and client.params["model_name"] == "deltanet-x"
