@@ -43,6 +43,24 @@ def make_docs(seed: int = 0, lengths=(64, 71, 58, 80)) -> list[torch.Tensor]:
     return [torch.randint(2, VOCAB, (n,), generator=gen) for n in lengths]
 
 
+def positions_for(model, docs, selection: str = "entropy", micro_batch_size: int = 4):
+    """Step 0-1 for the four test documents with the small test settings (M = 3, k = 3, margin 6)."""
+    return score_positions(
+        model,
+        docs,
+        [0, 1, 2, 3],
+        num_chunks=3,
+        rollout_tokens=3,
+        selection=selection,
+        entropy_window=5,
+        margin=6,
+        seed=0,
+        step=0,
+        pad_id=PAD,
+        micro_batch_size=micro_batch_size,
+    )
+
+
 def sgd_step(arch: str, cfg: RefineConfig, docs, **model_overrides) -> tuple[dict[str, torch.Tensor], dict]:
     """One refine_step with plain SGD at lr 1, so the parameter change is exactly minus the gradient."""
     model = tiny_model(arch, **model_overrides).train()
@@ -79,20 +97,7 @@ def test_engines_sample_the_same_rollouts_and_scores_with_groups_per_position():
     model = tiny_model("delta_net")
     docs = make_docs(1)
     cfg = small_cfg(rollouts_per_position=2, grouping="position")
-    positions = score_positions(
-        model,
-        docs,
-        [0, 1, 2, 3],
-        num_chunks=3,
-        rollout_tokens=3,
-        selection="entropy",
-        entropy_window=5,
-        margin=6,
-        seed=0,
-        step=0,
-        pad_id=PAD,
-        micro_batch_size=2,
-    )
+    positions = positions_for(model, docs, selection="entropy", micro_batch_size=2)
     settings = rollout_settings(cfg)
     a = sample_rollouts("branch", model, positions, settings, seed=0, step=0, eos_id=EOS, pad_id=PAD)
     b = sample_rollouts("faithful", model, positions, settings, seed=0, step=0, eos_id=EOS, pad_id=PAD)
@@ -110,20 +115,7 @@ def test_old_logprobs_match_a_full_recompute_reference():
     """Slow reference: re-run the model on prefix + rollout for every rollout, one at a time."""
     model = tiny_model("gated_deltanet")
     docs = make_docs(2)
-    positions = score_positions(
-        model,
-        docs,
-        [0, 1, 2, 3],
-        num_chunks=3,
-        rollout_tokens=3,
-        selection="entropy",
-        entropy_window=5,
-        margin=6,
-        seed=0,
-        step=0,
-        pad_id=PAD,
-        micro_batch_size=4,
-    )
+    positions = positions_for(model, docs, selection="entropy", micro_batch_size=4)
     ro = sample_rollouts(
         "branch", model, positions, rollout_settings(small_cfg()), seed=0, step=0, eos_id=EOS, pad_id=PAD
     )
@@ -264,20 +256,7 @@ def test_ntp_only_baseline_schedules():
 def test_policy_pass_ntp_sum_equals_a_plain_ntp_loss():
     model = tiny_model("delta_net")
     docs = make_docs(9)
-    positions = score_positions(
-        model,
-        docs,
-        [0, 1, 2, 3],
-        num_chunks=3,
-        rollout_tokens=3,
-        selection="argmax",
-        entropy_window=5,
-        margin=6,
-        seed=0,
-        step=0,
-        pad_id=PAD,
-        micro_batch_size=4,
-    )
+    positions = positions_for(model, docs, selection="argmax", micro_batch_size=4)
     settings = rollout_settings(small_cfg())
     ro = sample_rollouts("branch", model, positions, settings, seed=0, step=0, eos_id=EOS, pad_id=PAD)
     fn = _ntp_sum_fn(True, model.lm_head.weight)
