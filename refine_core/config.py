@@ -411,6 +411,11 @@ class RunConfig:
     device: str = "auto"
     # ``auto``: bf16 autocast on CUDA, fp32 on CPU.
     precision: str = "auto"
+    # Where a training stage also publishes its final model and summary when it completes
+    # (``{export_uri}/model/`` and ``{export_uri}/result.json``): an ``s3://`` prefix or a directory on a shared
+    # volume. The TrainJob launcher sets it, so that the KFP task can take the model of its trainer pods back
+    # (refine_core.distributed.handover); ``None`` publishes nothing.
+    export_uri: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ntp: NTPConfig = field(default_factory=NTPConfig)
@@ -427,6 +432,13 @@ class RunConfig:
 
     @property
     def prepared_dir(self) -> Path:
+        """The prepared data as a local path (an ``s3://`` ``data.prepared_dir`` is downloaded first by the training
+        stages, :func:`refine_core.training.setup.localize_prepared_data`)."""
+        if self.data.prepared_dir and self.data.prepared_dir.startswith("s3://"):
+            raise ConfigError(
+                f"data.prepared_dir={self.data.prepared_dir!r} is an s3:// URI, which only the training stages read "
+                "(they download it); prepare-data and the evaluation stages need a local directory."
+            )
         return Path(self.data.prepared_dir or Path(self.output_dir) / "data")
 
     def stage_dir(self, stage: str) -> Path:

@@ -12,7 +12,9 @@ a local :class:`~pathlib.Path`:
 * ``org/name`` (or ``hf://org/name``) is fetched with ``huggingface_hub.snapshot_download`` into
   ``{cache_dir}/hf``.
 
-:func:`upload_dir` is the reverse for S3. Credentials are never logged: only bucket, prefix and counts are.
+:func:`upload_dir` is the reverse for S3; :func:`publish_dir` and :func:`publish_file` write to either kind of
+location (an ``s3://`` prefix, or a directory, e.g. on a volume that other pods mount). Credentials are never
+logged: only bucket, prefix and counts are.
 """
 
 from __future__ import annotations
@@ -281,6 +283,57 @@ def upload_dir(local_dir: str | os.PathLike[str], s3_uri: str) -> list[str]:
         for future in futures:
             future.result()
     return [f"s3://{bucket}/{key}" for key in keys]
+
+
+def publish_dir(local_dir: str | os.PathLike[str], uri: str) -> str:
+    """Copy a directory to ``uri``: :func:`upload_dir` for ``s3://``, else an atomic local copy.
+
+    A local target is written to a temporary sibling and renamed into place, so a reader never sees half of it;
+    an existing target is replaced. Returns ``uri``.
+    """
+    src = Path(local_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(f"publish_dir: {src} is not a directory; pass the directory to publish.")
+    if is_s3_uri(uri):
+        upload_dir(src, uri)
+        return uri
+    target = Path(os.path.expanduser(uri))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(COMPLETE_MARKER))
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return uri
+
+
+def publish_file(path: str | os.PathLike[str], uri: str) -> str:
+    """Copy one file to ``uri`` (an ``s3://`` object key or a local path; a local copy is renamed into place)."""
+    src = Path(path)
+    if not src.is_file():
+        raise FileNotFoundError(f"publish_file: {src} is not a file.")
+    if is_s3_uri(uri):
+        bucket, key = split_s3_uri(uri)
+        if not key:
+            raise ValueError(f"publish_file: {uri!r} names a bucket, not an object; add the object key.")
+        s3_client().upload_file(str(src), bucket, key, Config=_transfer_config())
+        return uri
+    target = Path(os.path.expanduser(uri))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, target)
+    return uri
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """``base`` with ``parts`` appended by ``/`` (an ``s3://`` URI or a local path; no doubled slashes)."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------- hub

@@ -31,12 +31,12 @@ from refine_core.config import RunConfig
 from refine_core.data.batching import left_pad
 from refine_core.data.tasks import expand_task_files, read_task_file
 from refine_core.stages.prepare_data import tokenizer_spec
-from refine_core.stages.train_ntp import TrainResult
 from refine_core.tokenizer import Tokenizer, load_tokenizer
 from refine_core.tracking import Tracker
 from refine_core.training.losses import IGNORE_INDEX, count_targets, lm_loss_sum
 from refine_core.training.optim import clip_and_step
 from refine_core.training.refine_step import refine_step
+from refine_core.training.result import TrainResult
 from refine_core.training.session import TrainingSession
 
 logger = logging.getLogger(__name__)
@@ -178,5 +178,4 @@ def post_train(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
                 metrics["post/sft_loss"],
                 f" | reward {metrics['refine/reward_mean']:.3f}" if "refine/reward_mean" in metrics else "",
             )
-    model_dir = session.finish(step)
-    return TrainResult(model_dir=model_dir, steps=step, final_eval_loss=None, history=history)
+    return session.result(step, None, history)

@@ -21,29 +21,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from refine_core.config import RunConfig
 from refine_core.data.batching import left_pad
 from refine_core.tracking import Tracker
 from refine_core.training.losses import count_targets, ntp_targets
 from refine_core.training.optim import clip_and_step
+from refine_core.training.result import TrainResult
 from refine_core.training.session import TrainingSession, micro_batch_loss
 
 logger = logging.getLogger(__name__)
 
 STAGE = "train-ntp"
-
-
-@dataclass
-class TrainResult:
-    """What a training stage hands to the next one."""
-
-    model_dir: Path  # final model in HF layout (config.json + model.safetensors + tokenizer)
-    steps: int
-    final_eval_loss: float | None
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 def train_ntp(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
@@ -110,5 +99,4 @@ def train_ntp(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
                 f" | eval {eval_loss:.4f}" if "eval/loss" in metrics else "",
             )
 
-    model_dir = session.finish(step)
-    return TrainResult(model_dir=model_dir, steps=step, final_eval_loss=eval_loss, history=history)
+    return session.result(step, eval_loss, history)

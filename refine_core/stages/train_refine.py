@@ -24,9 +24,9 @@ import logging
 import time
 
 from refine_core.config import RunConfig
-from refine_core.stages.train_ntp import TrainResult
 from refine_core.tracking import Tracker
 from refine_core.training.refine_step import refine_step
+from refine_core.training.result import TrainResult
 from refine_core.training.session import TrainingSession
 
 logger = logging.getLogger(__name__)
@@ -103,5 +103,4 @@ def train_refine(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
                 f" | eval {eval_loss:.4f}" if "eval/loss" in metrics else "",
             )
 
-    model_dir = session.finish(step)
-    return TrainResult(model_dir=model_dir, steps=step, final_eval_loss=eval_loss, history=history)
+    return session.result(step, eval_loss, history)

@@ -35,7 +35,8 @@ from refine_core.tracking import NullTracker, Tracker
 from refine_core.training.checkpoint import CheckpointManager, step_dir_name
 from refine_core.training.losses import count_targets, lm_loss_sum, ntp_targets
 from refine_core.training.optim import OptimSettings, build_optimizer, build_scheduler
-from refine_core.training.setup import build_or_load_model, prepared_tokenizer
+from refine_core.training.result import TrainResult, export_result
+from refine_core.training.setup import build_or_load_model, localize_inputs, prepared_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,13 @@ class TrainingSession:
                 )
             if not ctx.is_main:
                 tracker = NullTracker()  # only rank 0 logs
+        logged_cfg = cfg  # the config as given (s3:// URIs, not this machine's cache paths) goes to the tracker
+        # One rank per node downloads remote inputs; the node's other ranks then find them in the shared cache.
+        if ctx is not None and ctx.local_rank != 0:
+            torch.distributed.barrier()
+        cfg = localize_inputs(cfg)
+        if ctx is not None and ctx.local_rank == 0:
+            torch.distributed.barrier()
         device = select_device(cfg.device) if ctx is None else ctx.device
         seed_everything(cfg.seed)
         stage_dir = cfg.stage_dir(stage)
@@ -160,7 +168,7 @@ class TrainingSession:
             logger.info("%s.resume is set but there is no complete checkpoint yet: starting at step 0", stage)
         session.sync = make_replica_sync(model, ctx)  # DDP broadcasts rank 0's weights; all ranks resumed alike
 
-        tracker.log_config(cfg)
+        tracker.log_config(logged_cfg)
         tracker.set_tags({"refine.data_fingerprint": data_tag or "", "refine.resumed_from": str(latest)})
         tracker.log_params({"model.num_parameters": model.num_parameters(), "data.train_docs": len(train_set)})
         return session
@@ -205,6 +213,17 @@ class TrainingSession:
             self.tracker.log_artifacts(self.model_dir, artifact_path="model")
         self.sync.barrier()  # the exported model exists before any rank returns it
         return self.model_dir
+
+    def result(self, step: int, final_eval_loss: float | None, history: list[dict[str, float]]) -> TrainResult:
+        """:meth:`finish` at ``step`` and the stage's :class:`TrainResult`; when the run is complete and
+        ``cfg.export_uri`` is set, rank 0 also publishes it there (for the launcher of a TrainJob)."""
+        model_dir = self.finish(step)
+        result = TrainResult(model_dir=model_dir, steps=step, final_eval_loss=final_eval_loss, history=history)
+        if self.cfg.export_uri and step >= self.settings.steps:
+            if self.sync.is_main:
+                export_result(result, self.cfg.export_uri, self.stage)
+            self.sync.barrier()  # no rank exits (and ends the job) before the export is complete
+        return result
 
     def baseline_eval(self, history: list[dict[str, float]]) -> float | None:
         """The held-out loss before the first step of a fresh run: the reference point for "the loss falls"."""

@@ -1,17 +1,40 @@
-"""What every training stage sets up the same way: the tokenizer of the prepared data and the model."""
+"""What every training stage sets up the same way: remote inputs made local, the prepared data's tokenizer, the
+model."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import torch
 
+from refine_core import storage
 from refine_core.config import ConfigError, RunConfig
 from refine_core.models import FastWeightForCausalLM, build_model, config_from_dict, load_pretrained
 from refine_core.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+def localize_inputs(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with an ``s3://`` ``data.prepared_dir`` downloaded into ``model.cache_dir`` and replaced by the local
+    copy; a remote ``model.source`` (``s3://`` or a hub name) is fetched into the same cache, so that loading it
+    later finds it there.
+
+    Under torchrun call it on one rank per node first and on the others after a barrier (the session does): the
+    cache is shared by the ranks of a node, and a download replaces an outdated copy in place.
+    """
+    cache = Path(cfg.model.cache_dir).expanduser()
+    source = cfg.model.source
+    if source is not None and (storage.is_s3_uri(source) or storage.is_hub_name(source)):
+        storage.resolve(source, cache)
+    remote_data = cfg.data.prepared_dir
+    if remote_data is None or not storage.is_s3_uri(remote_data):
+        return cfg
+    local = storage.resolve(remote_data, cache)
+    logger.info("prepared data %s -> %s", remote_data, local)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prepared_dir=str(local)))
 
 
 def prepared_tokenizer(cfg: RunConfig) -> Tokenizer:
