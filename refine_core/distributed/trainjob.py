@@ -11,8 +11,10 @@ launching KFP task was given (mlops-notes §2.3, ``task_config_passthroughs``) i
 * resources → ``spec.trainer.resourcesPerNode`` (GPU count → ``numProcPerNode``, one process per GPU);
 * env → ``spec.trainer.env`` (``valueFrom`` secret references stay references);
 * tolerations, node selector, affinity, volumes → a ``runtimePatches`` entry on the ``node`` replicated job's pod
-  template, volume mounts → its ``node`` container. ``refine-torch`` already mounts a memory-backed ``/dev/shm``;
-  with another runtime set ``shm_size`` to add one.
+  template, volume mounts → its ``node`` container. ``refine-torch`` already mounts a memory-backed ``/dev/shm``
+  and an emptyDir on ``/tmp``: the task's own scratch volumes at those paths stay with the launcher pod
+  (``runtime_mounts``), since a second mount at one path makes the pod invalid. With another runtime set
+  ``shm_size`` to add a ``/dev/shm``.
 
 :func:`launch_trainjob` validates the object with the ``kubeflow-trainer-api`` models (and that ``to_dict``
 round-trips, since the models silently drop unknown fields), creates it with ``CustomObjectsApi``, polls its
@@ -64,6 +66,9 @@ CONFIG_IN_POD = "/tmp/refine-config.yaml"
 GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu")
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
+# Paths that the refine-torch runtime's trainer container mounts itself (manifests/base/trainer).
+REFINE_TORCH_MOUNTS = ("/dev/shm", "/tmp")
+
 COMPLETE, FAILED, RUNNING, CREATED = "Complete", "Failed", "Running", "Created"
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _MAX_NAME = 40  # JobSet derives Job and pod names (and a headless Service) from it; keep room for suffixes
@@ -112,6 +117,8 @@ class TrainJobSpec:
             adds none.
         active_deadline_s: ``spec.activeDeadlineSeconds`` (the Trainer fails the job after it).
         labels: extra labels of the TrainJob.
+        runtime_mounts: mount paths the runtime's container already has; volume mounts there (and volumes used only
+            by them) are not copied. ``None``: :data:`REFINE_TORCH_MOUNTS` for ``refine-torch``, else none.
     """
 
     stage: str
@@ -135,6 +142,14 @@ class TrainJobSpec:
     shm_size: str | None = None
     active_deadline_s: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    runtime_mounts: tuple[str, ...] | None = None
+
+    def with_env(self, values: Mapping[str, str]) -> TrainJobSpec:
+        """A copy whose container env also holds ``values`` (plain values; an entry of the same name is replaced)."""
+        out = copy.deepcopy(self)
+        out.env = [e for e in out.env if e.get("name") not in values]
+        out.env += [{"name": name, "value": str(value)} for name, value in values.items()]
+        return out
 
     def with_task_config(self, task_config: Any) -> TrainJobSpec:
         """A copy with the fields of a KFP ``dsl.TaskConfig`` (or anything with its attributes) filled in.
@@ -274,8 +289,7 @@ def build_trainjob(spec: TrainJobSpec) -> dict[str, Any]:
             if quantities
         }
 
-    volumes = copy.deepcopy(spec.volumes)
-    mounts = copy.deepcopy(spec.volume_mounts)
+    volumes, mounts = _copied_volumes(spec)
     if spec.shm_size is not None and not any(m.get("mountPath") == "/dev/shm" for m in mounts):
         # PyTorch workers and NCCL exchange tensors through /dev/shm; the container default (64 MiB) is too small.
         volumes.append({"name": "refine-dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}})
@@ -321,6 +335,18 @@ def build_trainjob(spec: TrainJobSpec) -> dict[str, Any]:
         "metadata": {"name": name, "namespace": spec.namespace, "labels": labels},
         "spec": job_spec,
     }
+
+
+def _copied_volumes(spec: TrainJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The task's volumes and mounts minus those at paths the runtime mounts itself (see ``runtime_mounts``)."""
+    owned = spec.runtime_mounts
+    if owned is None:
+        owned = REFINE_TORCH_MOUNTS if spec.runtime == DEFAULT_RUNTIME else ()
+    kept = [copy.deepcopy(m) for m in spec.volume_mounts if m.get("mountPath") not in owned]
+    dropped = {m.get("name") for m in spec.volume_mounts if m.get("mountPath") in owned}
+    used = {m.get("name") for m in kept}
+    volumes = [copy.deepcopy(v) for v in spec.volumes if v.get("name") in used or v.get("name") not in dropped]
+    return volumes, kept
 
 
 def validate_trainjob(body: Mapping[str, Any]) -> Any:
@@ -456,8 +482,12 @@ class _LogFollower:
             thread.join(max(0.0, deadline - time.monotonic()))
         for pod, thread in self._threads.items():
             if thread.is_alive() and pod in self._responses:
+                response = self._responses[pod]
                 with contextlib.suppress(Exception):  # best effort; the thread is a daemon either way
-                    self._responses[pod].close()
+                    # close() waits for the read the follower thread is blocked in; urllib3's shutdown() (2.3+)
+                    # interrupts that read first, so the grace period really bounds the wait.
+                    getattr(response, "shutdown", lambda: None)()
+                    response.close()
                 thread.join(1.0)
 
 

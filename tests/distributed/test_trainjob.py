@@ -1,22 +1,29 @@
 """The TrainJob launcher: the object it builds, and create / watch / stream logs / delete against a loopback fake API.
 
 The fake (``fake_k8s.py``) listens on 127.0.0.1 with an ephemeral port and stops by itself; the launcher talks to
-it through the real ``kubernetes`` client, so the requests, JSON and chunked log streams are the real ones.
+it through the real ``kubernetes`` client, so the requests, JSON and chunked log streams are the real ones. The
+scripted fake plays a job's life from a :class:`Scenario`; the executing one runs the job's trainer command here,
+one process per node, so the last tests end in real ``torchrun`` ranks on CPU (gloo on loopback).
 """
 
 from __future__ import annotations
 
+import re
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import kubernetes
 import pytest
+import yaml
 from kfp import dsl
 from kubeflow_trainer_api import models
 
+from refine_core.config import load_config
 from refine_core.distributed import trainjob as tj
-from tests.distributed.fake_k8s import FakeKubernetes, Scenario, Tick
+from refine_core.stages.prepare_data import prepare_data
+from tests.distributed.fake_k8s import ExecutingKubernetes, FakeKubernetes, Scenario, Tick
 
 TASK_CONFIG = dsl.TaskConfig(
     resources={"limits": {"nvidia.com/gpu": "8", "cpu": "32", "memory": "512Gi"}, "requests": {"cpu": 16.0}},
@@ -105,9 +112,29 @@ def test_shm_is_added_only_when_asked_and_not_mounted():
     body = tj.build_trainjob(spec(runtime="torch-distributed", shm_size="8Gi"))
     pod = node_pod_spec(body)
     assert pod["volumes"] == [{"name": "refine-dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}]
-    mounted = spec(shm_size="8Gi", volumes=[{"name": "s", "emptyDir": {"medium": "Memory"}}],
+    mounted = spec(runtime="torch-distributed", shm_size="8Gi",
+                   volumes=[{"name": "s", "emptyDir": {"medium": "Memory"}}],
                    volume_mounts=[{"name": "s", "mountPath": "/dev/shm"}])
     assert [v["name"] for v in node_pod_spec(tj.build_trainjob(mounted))["volumes"]] == ["s"]
+
+
+def test_scratch_volumes_at_paths_the_refine_runtime_mounts_stay_with_the_launcher():
+    # What pipelines/_k8s.py gives a task: /dev/shm and /tmp emptyDirs, plus a real workspace volume.
+    task = dict(volumes=[{"name": "shm", "emptyDir": {"medium": "Memory"}}, {"name": "tmp", "emptyDir": {}},
+                         {"name": "workspace", "persistentVolumeClaim": {"claimName": "w"}}],
+                volume_mounts=[{"name": "shm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"},
+                               {"name": "workspace", "mountPath": "/workspace"}])
+    pod = node_pod_spec(tj.build_trainjob(spec(**task)))  # refine-torch mounts /dev/shm and /tmp itself
+    assert pod["volumes"] == [task["volumes"][2]] and pod["containers"][0]["volumeMounts"] == [task["volume_mounts"][2]]
+    other = node_pod_spec(tj.build_trainjob(spec(runtime="torch-distributed", **task)))
+    assert other["volumes"] == task["volumes"]
+
+
+def test_with_env_adds_plain_values_and_replaces_same_names():
+    base = spec(env=[{"name": "A", "value": "1"}, {"name": "MLFLOW_RUN_ID", "value": "old"}])
+    env = base.with_env({"MLFLOW_RUN_ID": "abc"}).env
+    assert env == [{"name": "A", "value": "1"}, {"name": "MLFLOW_RUN_ID", "value": "abc"}]
+    assert base.env[1]["value"] == "old"
 
 
 def test_bad_objects_are_refused_before_anything_is_created():
@@ -218,28 +245,129 @@ def test_a_name_that_exists_is_refused():
             tj.launch_trainjob(spec(name="refine-dup"), api_client(fake), timeout_s=5, poll_s=0.05, log_sink=Sink())
 
 
-def test_the_component_launches_through_a_kubeconfig_with_a_local_task_config(tmp_path, monkeypatch, capsys):
-    from components.launch_trainjob import launch_trainjob
+# -- the TrainJob executed here: the launcher's command under real torchrun, one process per emulated node --------
 
-    scenario = Scenario(ticks=[Tick(pods="Running"), Tick(pods="Succeeded", condition=("Complete", "Done", ""))])
-    with FakeKubernetes(scenario) as fake:
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(textwrap.dedent(f"""\
-            apiVersion: v1
-            kind: Config
-            clusters: [{{name: fake, cluster: {{server: "{fake.host}"}}}}]
-            users: [{{name: fake, user: {{token: not-a-secret}}}}]
-            contexts: [{{name: fake, context: {{cluster: fake, user: fake, namespace: refine}}}}]
-            current-context: fake
-        """))
-        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        name = launch_trainjob.python_func(
-            stage="train-ntp", config_yaml="ntp:\n  steps: 2\n", task_config=dsl.TaskConfig(), num_nodes=1,
-            namespace="refine", job_name="refine-component", poll_s=0.05, timeout_s=10,
-        )
-    assert name == "refine-component"
-    (created,) = fake.created
-    assert created["spec"]["trainer"]["numNodes"] == 1
-    assert created["spec"]["trainer"]["image"].rsplit("/", 1)[-1].startswith("refine-gpu:")
-    assert "[refine-component-node-0-0-abcde] done" in capsys.readouterr().out
+# The tiny CPU run of tests/distributed/test_torchrun.py, as the YAML a pipeline hands the launcher.
+TINY_NTP = textwrap.dedent("""\
+    device: cpu
+    model:
+      config: {hidden_size: 32, num_hidden_layers: 1, num_heads: 2}
+    data:
+      sources: [{path: synthetic, synthetic_docs: 40, synthetic_words: 60}]
+      min_tokens: 96
+      max_tokens: 128
+      eval_docs: 4
+""")
+# Each node is a torchrun of one process: keep its BLAS threads from fighting over the test machine's cores.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """Prepared shards of TINY_NTP's synthetic corpus: train-ntp reads prepared data, it does not prepare it."""
+    root = tmp_path_factory.mktemp("prep")
+    prepare_data(load_config(None, [f"output_dir={root}", "device=cpu",
+                                    "data.sources=[{path: synthetic, synthetic_docs: 40, synthetic_words: 60}]",
+                                    "data.min_tokens=96", "data.max_tokens=128", "data.eval_docs=4"]))
+    return root / "data"
+
+
+def pod_lines(lines: list[str], pod: str) -> list[str]:
+    """The lines the launcher streamed from ``pod``, without their ``[pod] `` prefix."""
+    return [line[len(pod) + 3:] for line in lines if line.startswith(f"[{pod}] ")]
+
+
+@pytest.mark.slow
+def test_a_trainjob_runs_under_real_torchrun_on_two_emulated_nodes(tmp_path, prepared):
+    name = "refine-exec-ntp"
+    trainjob = tj.TrainJobSpec(
+        stage="train-ntp", image="refine-gpu:test", config_yaml=TINY_NTP, namespace="refine", name=name,
+        num_nodes=2, procs_per_node=1,
+        overrides=[f"data.prepared_dir={prepared}", "tracking.backend=none", "ntp.steps=2", "ntp.batch_size=4",
+                   "ntp.micro_batch_size=2", "output_dir=/tmp/refine-run"],
+        env=[{"name": "LOGLEVEL", "value": "INFO"},  # torchrun's agent logs its rendezvous: node 1 speaks too
+             {"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "secret"}}}],
+    )
+    sandbox = tmp_path / "sandbox"
+    lines: list[str] = []
+    with ExecutingKubernetes(sandbox, extra_env=ONE_THREAD, shared=[prepared]) as fake:
+        status = tj.launch_trainjob(trainjob, api_client(fake), timeout_s=120, poll_s=0.2, log_sink=lines.append)
+    run = fake.runs[name]
+    pods = [f"{name}-node-0-{i}-abcde" for i in range(2)]
+    shown = "\n".join(lines[-60:])
+    assert status.phase == "Complete" and status.reason == "JobSetCompleted", shown
+    assert status.phases_seen[-1] == "Complete" and not status.deleted and fake.deleted == []
+    assert run.exit_codes == [0, 0] and sorted(status.pods) == pods
+    node0, node1 = (pod_lines(lines, pod) for pod in pods)
+    assert node0 == run.output[pods[0]] and node1 == run.output[pods[1]]  # every line, in order, per pod
+
+    # torchrun took the topology from the PET_* variables alone: 2 nodes x 1 process, static rendezvous.
+    assert [node.env["PET_NODE_RANK"] for node in run.nodes] == ["0", "1"]
+    assert {node.env["PET_MASTER_PORT"] for node in run.nodes} == {str(run.master_port)}
+    assert any(re.search(r"rdzv_backend\s+: static", line) for line in node1)
+    assert any("group_rank=1" in line for line in node1) and any("global_world_sizes=[2]" in line for line in node1)
+    assert any("joined process group: rank 0/2" in line for line in node0)
+    assert any(re.search(r"step 2/2 \| loss [\d.]+", line) for line in node0)
+    assert run.skipped_env == ["AWS_SECRET_ACCESS_KEY"] and "AWS_SECRET_ACCESS_KEY" not in run.env
+
+    # Each pod had its own /tmp: the shell wrote the config there and rank 0 (node 0) exported the final model.
+    tmp0, tmp1 = (sandbox / name / f"node-{i}" / "tmp" for i in range(2))
+    assert run.nodes[0].tmp == tmp0 and f"{tmp0}/refine-config.yaml" in run.nodes[0].argv
+    assert f"data.prepared_dir={prepared}" in run.nodes[0].argv  # a shared volume is the same path everywhere
+    assert yaml.safe_load((tmp0 / "refine-config.yaml").read_text()) == yaml.safe_load(TINY_NTP)
+    assert (tmp0 / "refine-run" / "train-ntp" / "model" / "model.safetensors").is_file()
+    assert (tmp0 / "refine-run" / "train-ntp" / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+    assert not (tmp1 / "refine-run" / "train-ntp" / "model").exists()  # rank 1 writes nothing
+
+
+@pytest.mark.slow
+def test_a_trainjob_whose_nodes_fail_raises_with_the_error_line_and_is_deleted(tmp_path):
+    name = "refine-exec-bad"
+    trainjob = tj.TrainJobSpec(stage="train-ntp", image="refine-gpu:test", config_yaml="device: cpu\n",
+                               overrides=["ntp.no_such_key=1", "tracking.backend=none"], namespace="refine",
+                               name=name, num_nodes=2, procs_per_node=1)
+    lines: list[str] = []
+    with ExecutingKubernetes(tmp_path / "sandbox", extra_env=ONE_THREAD) as fake:
+        with pytest.raises(tj.TrainJobFailed) as err:
+            tj.launch_trainjob(trainjob, api_client(fake), timeout_s=60, poll_s=0.2, log_sink=lines.append)
+        run = fake.runs[name]
+        assert run.wait(10), run.output  # the other node was killed, nothing is left running
+    message = str(err.value)
+    assert re.search(rf"FailedJobs: .*node [01] \(pod {name}-node-0-[01]-abcde\) exited with code 1", message)
+    # The refine error of the rank (exit 2), not torchrun's own traceback (its exit 1) that follows it.
+    assert "refine train-ntp: error: unknown config key(s) ntp.no_such_key" in message
+    assert "ChildFailedError" not in message
+    assert fake.deleted == [name] and err.value.status.deleted and err.value.status.phase == "Failed"
+    assert all(code not in (0, None) for code in run.exit_codes)
+    assert any("unknown config key(s) ntp.no_such_key" in line for line in lines)  # streamed as well
+
+
+def test_the_executing_fake_gives_each_pod_its_topology_and_tmp_and_kills_a_deleted_job(tmp_path):
+    # A hand-made TrainJob whose trainer reports what it sees, then sleeps: no torch, so this runs in a second.
+    script = 'echo "node $PET_NODE_RANK/$PET_NNODES x $PET_NPROC_PER_NODE tmp=$TMPDIR" > /tmp/seen && cat /tmp/seen ' \
+             '&& echo "$GREETING" && exec sleep 60'
+    body = tj.build_trainjob(tj.TrainJobSpec(stage="train-ntp", image="x", config="/tmp/c.yaml", name="refine-sleep",
+                                             num_nodes=2, procs_per_node=3,
+                                             env=[{"name": "GREETING", "value": "hello from /tmp/x"}]))
+    body["spec"]["trainer"].update(command=["sh", "-c", script], args=[])
+    sandbox = tmp_path / "sandbox"
+    with ExecutingKubernetes(sandbox, lifetime_s=30) as fake:
+        client = api_client(fake)
+        custom, core = kubernetes.client.CustomObjectsApi(client), kubernetes.client.CoreV1Api(client)
+        custom.create_namespaced_custom_object(tj.GROUP, tj.VERSION, "default", tj.PLURAL, body)
+        run = fake.runs["refine-sleep"]
+        deadline = time.monotonic() + 10
+        while sum(len(node.lines) for node in run.nodes) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pods = core.list_namespaced_pod("default", label_selector="jobset.sigs.k8s.io/jobset-name=refine-sleep")
+        assert [pod.status.phase for pod in pods.items] == ["Running", "Running"]
+        obj = custom.get_namespaced_custom_object(tj.GROUP, tj.VERSION, "default", tj.PLURAL, "refine-sleep")
+        assert "status" not in obj  # neither Complete nor Failed while the nodes run
+        log = core.read_namespaced_pod_log("refine-sleep-node-0-1-abcde", "default", container="node")
+        tmp1 = sandbox / "refine-sleep" / "node-1" / "tmp"
+        assert log == f"node 1/2 x 3 tmp={tmp1}\nhello from {sandbox}/refine-sleep/node-1/tmp/x\n"
+        assert (tmp1 / "seen").is_file() and (sandbox / "refine-sleep" / "node-0" / "tmp" / "seen").is_file()
+        assert tj.delete_trainjob(custom, "refine-sleep", "default")
+        assert run.wait(fake.kill_grace_s + 2)
+    assert run.exit_codes == [-15, -15]  # SIGTERM to each pod's process group reached the sleep
+    assert run.failure is None  # deleting is not failing
