@@ -1,20 +1,20 @@
-"""Component ``launch-trainjob``: run a stage on several GPUs or nodes as a Kubeflow Trainer v2 ``TrainJob``.
+"""Component ``launch-trainjob``: a training stage on several GPUs or nodes, as a Kubeflow Trainer v2 ``TrainJob``.
 
-The task's own resources, tolerations, node selector, volumes and env are not used by this small pod: KFP passes
-them through (``task_config_passthroughs``, mlops-notes §2.3) and :mod:`refine_core.distributed.trainjob` copies
-them into the TrainJob, which runs ``torchrun -m refine_core <stage>`` in the GPU image on every node. Volumes and
-env also apply to this task, so it sees the same workspace and MLflow settings. The pod needs the ``refine-launcher``
-service account (``manifests/base/launcher``). Set the task's ``kubernetes.set_timeout`` above ``timeout_s`` and
-disable caching: the result is a side effect on the cluster.
+It stands in for ``train-refine`` / ``train-ntp`` when a pipeline is compiled with more than one GPU for
+mid-training (``refine pipeline compile --nodes 2 --gpus-per-node 8``) and has the same inputs and outputs, so the
+rest of the pipeline is wired alike. This small pod stages the ``data`` (and ``base_model``) where the trainer pods
+reach them, opens the stage's nested MLflow run, creates the TrainJob (``torchrun -m refine_core <stage>`` in the
+GPU image on every node), streams its logs, and once it completes copies the exported model into ``model``
+(:mod:`refine_core.distributed.handover`). The trainer's rank 0 logs into the same MLflow run (``MLFLOW_RUN_ID``).
 
-Usage in a pipeline::
-
-    task = launch_trainjob(stage="train-refine", config_yaml=cfg, num_nodes=2)
-    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(8)   # per node, copied into the TrainJob
-    task.set_cpu_limit("32").set_memory_limit("512Gi").set_caching_options(False)
+The task's resources (per node), tolerations and node selector are not applied to this pod: KFP passes them through
+(``task_config_passthroughs``, mlops-notes §2.3) and :mod:`refine_core.distributed.trainjob` copies them into the
+TrainJob. Env and volumes apply to both. The pod needs the ``refine-launcher`` service account
+(``manifests/base/launcher``; ``refine pipeline submit --service-account refine-launcher``).
 """
 
 from kfp import dsl
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
 from components._image import REFINE_CPU_IMAGE
 
@@ -33,68 +33,80 @@ from components._image import REFINE_CPU_IMAGE
 def launch_trainjob(
     stage: str,
     config_yaml: str,
+    data: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    report: Output[Markdown],
     task_config: dsl.TaskConfig,
-    overrides: list = [],  # noqa: B006 - KFP reads the default from the signature; it is never mutated
+    baseline: bool = False,
     num_nodes: int = 1,
-    procs_per_node: int = 0,
+    procs_per_node: int = 1,
+    staging_uri: str = "",
+    parent_run_id: str = "",
+    kfp_run_id: str = "",
+    kfp_task: str = "",
     runtime: str = "refine-torch",
     image: str = "",
     namespace: str = "",
-    job_name: str = "",
     timeout_s: int = 7 * 24 * 3600,
     poll_s: float = 15.0,
-    delete_on_success: bool = False,
-) -> str:
-    """Create the TrainJob, stream its trainer pods' logs here, wait for it; delete it on failure or timeout.
+    base_model: Input[Model] | None = None,
+):
+    """Run ``stage`` as a TrainJob of ``num_nodes`` x ``procs_per_node`` processes; outputs as ``train-refine``'s.
 
     Args:
-        stage: the ``refine`` subcommand (``train-ntp``, ``train-refine``).
-        config_yaml: the experiment config (its paths must point at storage every node reaches).
-        task_config: filled by KFP from this task's settings; locally every field is ``None`` and nothing is
-            copied (a local run has no cluster to launch on and stops with a clear error).
-        overrides: extra ``key=value`` overrides for the stage.
-        num_nodes: nodes (pods) of the job; the task's resources are per node.
-        procs_per_node: torchrun processes per node; 0 = one per GPU of the task's resources (else 1).
+        stage: ``train-refine`` or ``train-ntp`` (the data-parallel stages).
+        config_yaml: the experiment config; its batch sizes must be multiples of the number of processes.
+        data: a ``prepare-data`` output.
+        model: the final model (HF layout); metadata: MLflow run ids, arm, steps, held-out loss, TrainJob name.
+        metrics: ``train/steps``, ``train/final_eval_loss``.
+        report: a Markdown summary with the logged history as a table.
+        task_config: filled by KFP from this task's settings (every field ``None`` in a local run).
+        baseline: with ``train-refine``, the NTP-only arm (``refine.nsp_update=false``).
+        num_nodes: nodes (pods) of the job.
+        procs_per_node: torchrun processes per node, one per GPU.
+        staging_uri: where inputs and the result pass between this pod and the trainers (``s3://...`` or a shared
+            directory); empty: ``$REFINE_STAGING_URI``.
+        parent_run_id: the pipeline's MLflow parent run (``start-run``'s output).
+        kfp_run_id: ``dsl.PIPELINE_JOB_ID_PLACEHOLDER``.
+        kfp_task: ``dsl.PIPELINE_TASK_NAME_PLACEHOLDER``.
         runtime: the ClusterTrainingRuntime (``manifests/base/trainer``).
-        image: the training image; empty: ``components._image.REFINE_GPU_IMAGE`` as resolved in this pod (the
-            signature can hold only literals: KFP runs this function's source text on its own).
+        image: the training image; empty: ``components._image.REFINE_GPU_IMAGE`` as resolved in this pod.
         namespace: default: this pod's namespace.
-        job_name: default: ``refine-<stage>-<random>``.
         timeout_s: delete the job and fail after this long.
         poll_s: seconds between status polls.
-        delete_on_success: also delete the job when it completes.
-
-    Returns:
-        The TrainJob's name.
+        base_model: a model to start from; default: the config's ``model`` section.
     """
-    import logging
     import signal
     import sys
 
     from components._image import REFINE_GPU_IMAGE
+    from refine_core import kfp_support as ks
     from refine_core import runtime as rt
+    from refine_core.distributed import handover
     from refine_core.distributed import trainjob as tj
 
     rt.setup_logging("INFO")
     # KFP stops a pod with SIGTERM: turn it into SystemExit so that the launcher deletes the TrainJob.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    spec = tj.TrainJobSpec(
-        stage=stage,
-        image=image or REFINE_GPU_IMAGE,
-        config_yaml=config_yaml,
-        overrides=[str(o) for o in overrides or []],
-        namespace=namespace or tj.current_namespace(),
-        name=job_name or None,
-        num_nodes=num_nodes,
-        procs_per_node=procs_per_node or None,
-        runtime=runtime,
-    ).with_task_config(task_config)
-    if spec.resources is None:
-        logging.getLogger("launch-trainjob").warning(
-            "task_config carries no resources (a local run, or the task sets none): the TrainJob requests none"
-        )
-    status = tj.launch_trainjob(
-        spec, tj.api_client_from_environment(), timeout_s=timeout_s, poll_s=poll_s, log_sink=print,
-        delete_on_success=delete_on_success,
-    )
-    return status.name
+    name, arm, settings = ks.training_arm(stage, baseline)
+    cfg = ks.stage_config(config_yaml, name, prepared_dir=data.path, settings=settings)
+    ctx = ks.KfpContext(parent_run_id, kfp_run_id, kfp_task)
+    staging = handover.staging_for(staging_uri, kfp_run_id, kfp_task)
+    world = num_nodes * procs_per_node
+    with ks.open_stage_run(cfg, name, ctx, {"refine.arm": arm, "refine.world_size": world}) as tracker:
+        settings.update(handover.push_inputs(staging, data.path, base_model.path if base_model else None))
+        spec = tj.TrainJobSpec(
+            stage=stage, image=image or REFINE_GPU_IMAGE, config_yaml=config_yaml,
+            overrides=handover.as_overrides(settings), namespace=namespace or tj.current_namespace(),
+            num_nodes=num_nodes, procs_per_node=procs_per_node, runtime=runtime, active_deadline_s=timeout_s,
+        ).with_task_config(task_config)
+        if tracker.run_id:
+            spec = spec.with_env({"MLFLOW_RUN_ID": tracker.run_id})  # rank 0 logs into this stage run
+        status = tj.launch_trainjob(spec, tj.api_client_from_environment(), timeout_s=timeout_s, poll_s=poll_s,
+                                    log_sink=print)
+        result = handover.pull_result(staging, ks.work_dir(name))
+        model.metadata.update(ks.export_training(
+            result, name, tracker, ctx, model.path, metrics, report.path, arm=arm, world_size=world,
+            trainjob=status.name, data_fingerprint=data.metadata.get("data_fingerprint"),
+        ))

@@ -38,9 +38,9 @@ def train_refine(
     from refine_core.stages.train_refine import STAGE
     from refine_core.stages.train_refine import train_refine as run_stage
 
-    stage, arm = (f"{STAGE}-baseline", "ntp-baseline") if baseline else (STAGE, "refine")
+    stage, arm, settings = ks.training_arm(STAGE, baseline)
     cfg = ks.stage_config(config_yaml, stage, prepared_dir=data.path, model_dir=base_model.path if base_model else None,
-                          settings={"refine.nsp_update": not baseline})
+                          settings=settings)
     ctx = ks.KfpContext(parent_run_id, kfp_run_id, kfp_task)
     with ks.open_stage_run(cfg, stage, ctx, {"refine.arm": arm}) as tracker:
         result = run_stage(cfg, tracker)

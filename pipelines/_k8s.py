@@ -8,14 +8,16 @@ The pipelines only wire tasks; each task then goes through :func:`gpu_stage`, :f
 * Secret ``refine-mlflow-auth`` (optional) -> ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, for an
   MLflow server behind basic auth;
 * ConfigMap ``refine-config`` -> ``MLFLOW_TRACKING_URI``, and where present ``MLFLOW_EXPERIMENT_NAME``,
-  ``MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD``, ``AWS_ENDPOINT_URL_S3``, ``AWS_DEFAULT_REGION``.
+  ``MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD``, ``AWS_ENDPOINT_URL_S3``, ``AWS_DEFAULT_REGION``, and
+  ``REFINE_STAGING_URI`` (where a TrainJob launcher and its trainer pods exchange data and models).
 
 Credentials reach pods only this way: never as pipeline parameters, so the compiled IR and the KFP run records
 hold none. ``tests/pipelines/test_compile.py`` asserts that.
 
-Why one GPU per stage: a lightweight component runs the stage as one process; a stage that needs several GPUs or
-nodes goes through the Kubeflow Trainer ``TrainJob`` launcher (``components/launch_trainjob.py``, mlops-notes
-§4.3) instead, not through a larger limit here.
+Why one GPU per stage pod: a lightweight component runs the stage as one process. A data-parallel stage that is
+given more GPUs (:class:`TrainPlacement`, chosen when the pipeline is compiled) goes through the Kubeflow Trainer
+``TrainJob`` launcher (``components/launch_trainjob.py``, mlops-notes §4.3) instead; :func:`trainjob_stage` sets
+that task up, and its resources are those of one trainer node.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ CONFIG_ENV = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}
 CONFIG_OPTIONAL_ENV = {
     key: key
     for key in ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "AWS_ENDPOINT_URL_S3",
-                "AWS_DEFAULT_REGION")
+                "AWS_DEFAULT_REGION", "REFINE_STAGING_URI")
 }
 # The stages write checkpoints to a temporary directory before the final model is copied into the output
 # artifact (refine_core.kfp_support.work_dir): an emptyDir on /tmp gives that a size limit and keeps it off the
@@ -67,12 +69,46 @@ class StageResources:
     work: str = "200Gi"
 
 
+@dataclass(frozen=True)
+class TrainPlacement:
+    """Where the data-parallel training stages (mid-training, pre-training) run; fixed when a pipeline is compiled.
+
+    ``1 x 1`` runs the stage in its own pod on one GPU; anything larger runs it as a TrainJob of ``nodes`` pods with
+    ``gpus_per_node`` GPUs and torchrun processes each (the config's batch sizes must be multiples of the total).
+    Post-training and evaluation always run in one pod on one GPU.
+    """
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError(f"nodes={self.nodes} and gpus_per_node={self.gpus_per_node} must both be >= 1.")
+
+    @property
+    def distributed(self) -> bool:
+        return self.nodes * self.gpus_per_node > 1
+
+    @property
+    def label(self) -> str:
+        return f"{self.nodes}x{self.gpus_per_node}gpu"
+
+
+SINGLE_GPU = TrainPlacement()
+
 # Sized for the paper's 1.3B DeltaNet at 16K tokens on one H100 (80 GB): mid-training runs for about a day.
 MIDTRAIN = StageResources(cpu="12", memory="96Gi", gpus=1, timeout_s=48 * 3600, retries=2)
 POSTTRAIN = StageResources(cpu="12", memory="96Gi", gpus=1, timeout_s=24 * 3600, retries=2)
 EVALUATE = StageResources(cpu="12", memory="96Gi", gpus=1, timeout_s=24 * 3600, retries=2)
 DATA = StageResources(cpu="8", memory="32Gi", timeout_s=6 * 3600, retries=2, shm="2Gi")
 LIGHT = StageResources(cpu="1", memory="2Gi", timeout_s=15 * 60, retries=3, shm="", work="1Gi")
+
+
+def per_node(res: StageResources, gpus: int) -> StageResources:
+    """``res`` (sized for one GPU) scaled to a trainer node with ``gpus`` GPUs: CPU and memory grow with the GPUs."""
+    memory_gi = int(res.memory.removesuffix("Gi"))
+    return StageResources(cpu=str(int(res.cpu) * gpus), memory=f"{memory_gi * gpus}Gi", gpus=gpus,
+                          timeout_s=res.timeout_s, retries=res.retries, shm=res.shm, work=res.work)
 
 
 def run_context() -> dict[str, str]:
@@ -116,6 +152,22 @@ def gpu_stage(task: dsl.PipelineTask, res: StageResources, name: str) -> dsl.Pip
     _common(task, res, name, s3=True, cache=False)
     task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(res.gpus)
     kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+    return task
+
+
+def trainjob_stage(task: dsl.PipelineTask, node: StageResources, name: str) -> dsl.PipelineTask:
+    """A ``launch-trainjob`` task: ``node`` describes one trainer node of the TrainJob.
+
+    The resources, the GPU toleration and the node selector reach the TrainJob through the component's
+    ``task_config_passthroughs`` and are not applied to the launcher's own small pod; its env, secrets and volumes
+    apply to both (the ``/dev/shm`` and ``/tmp`` scratch volumes stay with the launcher, since the ``refine-torch``
+    runtime mounts its own). The launcher pod's deadline leaves an hour beyond the job's own timeout for staging
+    the data and copying the model back. A retry starts a new TrainJob from step 0.
+    """
+    _common(task, node, name, s3=True, cache=False)
+    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(node.gpus)
+    kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
+    kubernetes.set_timeout(task, node.timeout_s + 3600)
     return task
 
 

@@ -37,6 +37,7 @@ import yaml
 from kfp import compiler, local
 
 from pipelines import PIPELINES, load_pipeline
+from pipelines._k8s import TrainPlacement
 from refine_core.config import ConfigError, RunConfig, load_config, parse_overrides, to_dict
 from refine_core.tracking import default_tracking_uri, redact
 
@@ -96,21 +97,27 @@ def _params(items: Sequence[str]) -> dict[str, Any]:
 
 
 
-def compile_pipelines(names: Sequence[str], output: Path) -> list[Path]:
-    """Compile the named pipelines to ``output/<pipeline name>.yaml``; returns the files written."""
+def compile_pipelines(names: Sequence[str], output: Path, placement: TrainPlacement | None = None) -> list[Path]:
+    """Compile the named pipelines to ``output/<pipeline name>.yaml`` (``<name>-<NxG>gpu.yaml`` for a multi-GPU
+    placement of their training stage); returns the files written."""
     output.mkdir(parents=True, exist_ok=True)
     written = []
     for name in names:
-        pipeline = load_pipeline(name)
-        path = output / f"{pipeline.name}.yaml"
+        pipeline = load_pipeline(name, placement)
+        suffix = f"-{placement.label}" if placement is not None and placement.distributed else ""
+        path = output / f"{pipeline.name}{suffix}.yaml"
         compiler.Compiler().compile(pipeline, str(path))
         written.append(path)
     return written
 
 
 
-def run_local(name: str, config_yaml: str, pipeline_root: Path, params: dict[str, Any] | None = None) -> Path:
+def run_local(name: str, config_yaml: str, pipeline_root: Path, params: dict[str, Any] | None = None,
+              placement: TrainPlacement | None = None) -> Path:
     """Run pipeline ``name`` through ``kfp.local`` with subprocesses of this interpreter; returns its run folder.
+
+    With a multi-GPU ``placement`` the training tasks create TrainJobs on the cluster of ``$KUBECONFIG`` (the
+    tests point it at a loopback fake that runs them here).
 
     Raises:
         RuntimeError: a task failed (kfp.local's message names it).
@@ -133,7 +140,7 @@ def run_local(name: str, config_yaml: str, pipeline_root: Path, params: dict[str
             # Locally the images and the resource settings do not apply; kfp says so for every task.
             warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
             warnings.filterwarnings("ignore", message=".*have no effect.*", category=UserWarning)
-            load_pipeline(name)(config_yaml=config_yaml, **(params or {}))
+            load_pipeline(name, placement)(config_yaml=config_yaml, **(params or {}))
     finally:
         if saved_tmpdir is None:
             os.environ.pop("TMPDIR", None)
@@ -273,6 +280,19 @@ def wait_for_run(client: Any, run_id: str, timeout_s: float, poll_s: float = 5.0
 
 
 
+def _placement_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--nodes", type=int, default=1,
+                     help="nodes for the data-parallel training stage (mid-/pre-training); with --gpus-per-node above "
+                     "1 x 1 it runs as a Kubeflow Trainer TrainJob (default: 1)")
+    sub.add_argument("--gpus-per-node", type=int, default=1,
+                     help="GPUs (torchrun processes) per node for that stage (default: 1)")
+
+
+def placement_from(args: argparse.Namespace) -> TrainPlacement:
+    """The :class:`TrainPlacement` of ``--nodes`` / ``--gpus-per-node``."""
+    return TrainPlacement(nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refine pipeline", description="Compile, run or submit the Kubeflow "
                                      "pipelines of components/ and pipelines/.")
@@ -283,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("compile", help="compile pipelines to IR YAML")
     sub.add_argument("--pipeline", default="all", choices=names, help="which pipeline (default: all)")
     sub.add_argument("--output", default="build/pipelines", type=Path, help="directory (default: build/pipelines)")
+    _placement_arguments(sub)
 
     for command, text in (("run", "run a pipeline locally (kfp.local, subprocesses, CPU)"),
                           ("submit", "upload a pipeline version and start a run on a Kubeflow cluster")):
@@ -292,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                          help="another pipeline parameter, e.g. model_uri=s3://... or model_name=my-model")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. refine.steps=20")
+        _placement_arguments(sub)
         if command == "run":
             sub.add_argument("--pipeline-root", type=Path, help="where artifacts go (default: {output_dir}/kfp)")
         else:
@@ -311,11 +333,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     runtime.setup_logging(args.log_level)
-    if args.command == "compile":
-        names = list(PIPELINES) if args.pipeline == "all" else [args.pipeline]
-        for path in compile_pipelines(names, args.output):
-            _out(f"wrote {path}")
-        return 0
+    try:
+        placement = placement_from(args)
+        if args.command == "compile":
+            names = list(PIPELINES) if args.pipeline == "all" else [args.pipeline]
+            if placement.distributed:  # only the pipelines with a data-parallel stage have a multi-GPU build
+                names = [n for n in names if PIPELINES[n][2]] if args.pipeline == "all" else names
+            for path in compile_pipelines(names, args.output, placement):
+                _out(f"wrote {path}")
+            return 0
+        load_pipeline(args.pipeline, placement)  # refuses a multi-GPU placement of a pipeline without one
+    except ValueError as exc:
+        sys.stderr.write(f"refine pipeline {args.command}: error: {exc}\n")
+        return 2
 
     try:
         cfg, config_yaml = pipeline_config(args.config, args.overrides, absolute_paths=args.command == "run")
@@ -342,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     since_ms = int(time.time() * 1000) - 1000
     start = time.perf_counter()
     try:
-        run_dir = run_local(args.pipeline, config_yaml, pipeline_root, params)
+        run_dir = run_local(args.pipeline, config_yaml, pipeline_root, params, placement)
     except RuntimeError as exc:
         sys.stderr.write(f"refine pipeline run: {exc}\n")
         return 1

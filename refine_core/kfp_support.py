@@ -157,6 +157,25 @@ def stage_config(
     return config_from_yaml(config_yaml, overrides, values)
 
 
+def training_arm(stage: str, baseline: bool = False) -> tuple[str, str, dict[str, Any]]:
+    """``(run name, arm, settings)`` of a mid-training task: the REFINE stage, its NTP-only baseline arm
+    (``train-refine`` with ``refine.nsp_update=false``), or ``train-ntp``.
+
+    Raises:
+        ValueError: an unknown stage, or ``baseline`` with a stage other than ``train-refine``.
+    """
+    if stage == "train-refine":
+        if baseline:
+            return f"{stage}-baseline", "ntp-baseline", {"refine.nsp_update": False}
+        return stage, "refine", {"refine.nsp_update": True}
+    if stage == "train-ntp" and not baseline:
+        return stage, "ntp", {}
+    raise ValueError(
+        f"stage={stage!r} baseline={baseline}: use train-refine (optionally baseline=True for the NTP-only arm) or "
+        "train-ntp; the other stages do not run data-parallel."
+    )
+
+
 def config_sha256(cfg: RunConfig) -> str:
     """A hash of the resolved config (paths that differ per task, i.e. ``output_dir``, left out)."""
     tree = to_dict(cfg)

@@ -71,3 +71,44 @@ def test_full_pipeline_runs_locally_and_tracks_every_stage(
     [version] = mlflow_client.search_model_versions("name = 'refine-local-test'")
     assert version.tags["kfp.run_id"] == parent.data.tags["kfp.run_id"]
     assert version.run_id == by_stage["post-train-refine"].info.run_id
+
+
+@pytest.mark.slow
+def test_multi_gpu_midtraining_runs_as_trainjobs_from_the_local_pipeline(
+    tmp_path: Path, tracking_uri: str, mlflow_client, local_session, capsys, monkeypatch
+) -> None:
+    """``refine pipeline run --pipeline midtrain --nodes 2``: each arm's task is the TrainJob launcher, which the
+    loopback Kubernetes fake runs under real torchrun on two emulated nodes; the models come back as artifacts."""
+    from tests.distributed.fake_k8s import ExecutingKubernetes, write_kubeconfig
+
+    monkeypatch.chdir(tmp_path)
+    root, staging = tmp_path / "kfp", tmp_path / "staging"
+    with ExecutingKubernetes(tmp_path / "pods", extra_env={"OMP_NUM_THREADS": "1"}, shared=[tmp_path]) as fake:
+        monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "kubeconfig", fake)))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        monkeypatch.setenv("REFINE_STAGING_URI", str(staging))  # what the refine-config ConfigMap sets in a cluster
+        status = cli.main(["run", "--config", str(TINY_CONFIG), "--pipeline", "midtrain", "--pipeline-root",
+                           str(root), "--nodes", "2", "--gpus-per-node", "1", *SMALLER, "name=local-trainjobs"])
+    out = capsys.readouterr().out
+    assert status == 0, out[-3000:]
+
+    assert len(fake.created) == 2 and all(run.exit_codes == [0, 0] for run in fake.runs.values())
+    arms = {dict(a.split("=", 1) for a in job["spec"]["trainer"]["args"][4:])["refine.nsp_update"]
+            for job in fake.created}
+    assert arms == {"true", "false"}  # the REFINE arm and the NTP-only baseline arm
+    [run_dir] = root.glob("refine-midtrain-*")
+    models = sorted(run_dir.glob("launch-trainjob*/model/model.safetensors"))
+    assert len(models) == 2
+    [parent] = mlflow_client.search_runs(
+        [e.experiment_id for e in mlflow_client.search_experiments()],
+        filter_string="tags.`refine.role` = 'pipeline' and tags.`refine.run_name` = 'local-trainjobs'",
+    )
+    assert parent.info.status == "FINISHED"
+    children = mlflow_client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    by_stage = {run.info.run_name.removeprefix("local-trainjobs-"): run for run in children}
+    assert set(by_stage) == {"train-refine", "train-refine-baseline"}
+    assert all(run.data.tags["refine.world_size"] == "2" for run in children)
+    assert "refine/reward_mean" in by_stage["train-refine"].data.metrics  # logged by rank 0 of the TrainJob
+    assert "eval/loss" in by_stage["train-refine-baseline"].data.metrics

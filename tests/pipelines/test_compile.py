@@ -35,7 +35,14 @@ FAKE_SECRETS = {
     "KFP_TOKEN": "fake-kfp-bearer-token-for-the-compile-test",
 }
 GPU_COMPONENTS = {"train-refine", "train-ntp", "post-train", "ttt-evaluate"}
-MLFLOW_COMPONENTS = GPU_COMPONENTS | {"start-run", "finish-run", "compare-report", "register-model"}
+LAUNCHER = "launch-trainjob"
+MLFLOW_COMPONENTS = GPU_COMPONENTS | {"start-run", "finish-run", "compare-report", "register-model", LAUNCHER}
+# Builds whose data-parallel training stage runs as a TrainJob: name -> (pipeline, placement).
+DISTRIBUTED = {
+    "full-2x8gpu": ("full", _k8s.TrainPlacement(nodes=2, gpus_per_node=8)),
+    "midtrain-1x4gpu": ("midtrain", _k8s.TrainPlacement(nodes=1, gpus_per_node=4)),
+    "pretrain-4x1gpu": ("pretrain", _k8s.TrainPlacement(nodes=4, gpus_per_node=1)),
+}
 RUN_ID_PLACEHOLDER = "{{$.pipeline_job_uuid}}"
 
 
@@ -84,9 +91,10 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Com
     with pytest.MonkeyPatch.context() as mp:
         for key, value in FAKE_SECRETS.items():
             mp.setenv(key, value)
-        for name in PIPELINES:
+        builds = {name: (name, None) for name in PIPELINES} | DISTRIBUTED
+        for name, (pipeline, placement) in builds.items():
             path = out / f"{name}.yaml"
-            compiler.Compiler().compile(load_pipeline(name), str(path))
+            compiler.Compiler().compile(load_pipeline(pipeline, placement), str(path))
             text = path.read_text()
             spec, platform = yaml.safe_load_all(text)
             # Both documents are valid protos (unknown or misspelt fields would raise).
@@ -99,7 +107,8 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Com
 
 
 def test_every_pipeline_compiles_deterministically(compiled: dict[str, Compiled], tmp_path: Path) -> None:
-    assert set(compiled) == {"full", "midtrain", "posttrain", "eval", "pretrain"}
+    assert set(compiled) == {"full", "midtrain", "posttrain", "eval", "pretrain", *DISTRIBUTED}
+    assert not any(c.of(LAUNCHER) for name, c in compiled.items() if name in PIPELINES)  # one GPU: no launcher
     again = tmp_path / "full.yaml"
     compiler.Compiler().compile(load_pipeline("full"), str(again))
     assert again.read_text() == compiled["full"].text
@@ -158,7 +167,8 @@ def test_every_task_gets_tracking_uri_from_the_config_map_and_credentials_only_f
             assert not container_env & {*FAKE_SECRETS, "MLFLOW_TRACKING_URI"}, (task, container_env)
             assert "activeDeadlineSeconds" in k8s and "retryPolicy" in c.tasks[task]
             if c.component(task) not in GPU_COMPONENTS:
-                assert "accelerator" not in c.container(task).get("resources", {}), task
+                if c.component(task) != LAUNCHER:  # its GPUs are the TrainJob's, passed through (below)
+                    assert "accelerator" not in c.container(task).get("resources", {}), task
                 assert c.container(task)["image"] == _image.REFINE_CPU_IMAGE
 
 
@@ -195,9 +205,10 @@ def _artifact_from(spec: dict[str, Any], name: str, c: Compiled | None = None) -
     return producer, channel[len(producer) + 1:]
 
 
-def test_full_pipeline_wiring(compiled: dict[str, Compiled]) -> None:
-    c = compiled["full"]
-    mids = c.of("train-refine")
+@pytest.mark.parametrize(("build", "mid_component"), [("full", "train-refine"), ("full-2x8gpu", LAUNCHER)])
+def test_full_pipeline_wiring(compiled: dict[str, Compiled], build: str, mid_component: str) -> None:
+    c = compiled[build]
+    mids = c.of(mid_component)
     assert len(mids) == 2 and len(c.of("post-train")) == 2 and len(c.of("ttt-evaluate")) == 2
     arm_of = {t: "ntp-baseline" if c.tasks[t]["inputs"]["parameters"]["baseline"]["runtimeValue"]["constant"]
               else "refine" for t in mids}
@@ -252,3 +263,48 @@ def test_image_references_come_from_one_place_and_follow_the_environment() -> No
         if path.name != "_image.py":
             assert "base_image=REFINE_" in path.read_text() or path.name == "__init__.py", path
             assert not re.search(r"base_image=['\"]", path.read_text()), path
+
+
+def test_multi_gpu_training_goes_through_the_trainjob_launcher(compiled: dict[str, Compiled]) -> None:
+    for name, (pipeline, placement) in DISTRIBUTED.items():
+        c = compiled[name]
+        stage = "train-ntp" if pipeline == "pretrain" else "train-refine"
+        assert not c.of(stage), f"{name}: {stage} should run as a TrainJob"
+        launchers = c.of(LAUNCHER)
+        assert len(launchers) == (1 if pipeline == "pretrain" else 2), name
+        per_node = _k8s.per_node(_k8s.MIDTRAIN, placement.gpus_per_node)
+        for task in launchers:
+            params = c.tasks[task]["inputs"]["parameters"]
+            constant = {k: v["runtimeValue"]["constant"] for k, v in params.items() if "runtimeValue" in v}
+            assert constant["stage"] == stage
+            assert (constant["num_nodes"], constant["procs_per_node"]) == (placement.nodes, placement.gpus_per_node)
+            assert constant["timeout_s"] == per_node.timeout_s
+            assert "staging_uri" not in params, "the staging location comes from the ConfigMap, not the IR"
+            assert _artifact_from(c.tasks[task], "data", c) == ("prepare-data", "dataset")
+            # Per-node resources, handed to the TrainJob through the task config (not applied to this small pod).
+            resources = c.container(task)["resources"]
+            assert resources["accelerator"]["resourceCount"] == str(placement.gpus_per_node)
+            assert resources["resourceCpuLimit"] == per_node.cpu and resources["resourceMemoryLimit"] == per_node.memory
+            passthrough = c.spec["components"][c.tasks[task]["componentRef"]["name"]]["taskConfigPassthroughs"]
+            applied = {p["field"]: p.get("applyToTask", False) for p in passthrough}
+            assert applied == {"RESOURCES": False, "KUBERNETES_TOLERATIONS": False, "KUBERNETES_NODE_SELECTOR": False,
+                               "KUBERNETES_VOLUMES": True, "ENV": True}
+            k8s = c.k8s(task)
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s["tolerations"]
+            assert {m["mountPath"] for m in k8s["emptyDirMounts"]} == {"/dev/shm", "/tmp"}
+            assert _k8s.S3_SECRET in {s["secretName"] for s in k8s["secretAsEnv"]}
+            optional = [m for m in k8s["configMapAsEnv"] if m["optional"]][0]
+            assert {"configMapKey": "REFINE_STAGING_URI", "envVar": "REFINE_STAGING_URI"} in optional["keyToEnv"]
+            assert int(k8s["activeDeadlineSeconds"]) == per_node.timeout_s + 3600  # room to stage and copy back
+            assert c.tasks[task]["cachingOptions"].get("enableCache", False) is False
+        if pipeline == "full":  # only mid-training is data-parallel; the later stages stay one-GPU pods
+            for task in c.of("post-train") + c.of("ttt-evaluate"):
+                assert c.container(task)["resources"]["accelerator"]["resourceCount"] == "1"
+
+
+def test_a_pipeline_without_a_data_parallel_stage_refuses_a_multi_gpu_placement() -> None:
+    with pytest.raises(ValueError, match="no data-parallel training stage"):
+        load_pipeline("eval", _k8s.TrainPlacement(nodes=1, gpus_per_node=2))
+    with pytest.raises(ValueError, match="must both be >= 1"):
+        _k8s.TrainPlacement(nodes=0)
+    assert load_pipeline("eval", _k8s.TrainPlacement()) is load_pipeline("eval")
