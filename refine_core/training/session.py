@@ -26,7 +26,13 @@ import torch
 from refine_core.config import NTPConfig, PostTrainConfig, RefineConfig, RunConfig, dump_yaml
 from refine_core.data.batching import DocumentBatcher, iter_eval_batches
 from refine_core.data.shards import TokenizedDataset, data_fingerprint, load_manifest
-from refine_core.distributed.ddp import ReplicaSync, init_distributed, is_distributed_launch, make_replica_sync
+from refine_core.distributed.ddp import (
+    ReplicaSync,
+    barrier,
+    init_distributed,
+    is_distributed_launch,
+    make_replica_sync,
+)
 from refine_core.models import FastWeightForCausalLM, save_pretrained
 from refine_core.models.hub import read_state_dict
 from refine_core.runtime import autocast, capture_rng_state, restore_rng_state, seed_everything, select_device
@@ -115,10 +121,10 @@ class TrainingSession:
         logged_cfg = cfg  # the config as given (s3:// URIs, not this machine's cache paths) goes to the tracker
         # One rank per node downloads remote inputs; the node's other ranks then find them in the shared cache.
         if ctx is not None and ctx.local_rank != 0:
-            torch.distributed.barrier()
+            barrier()
         cfg = localize_inputs(cfg)
         if ctx is not None and ctx.local_rank == 0:
-            torch.distributed.barrier()
+            barrier()
         device = select_device(cfg.device) if ctx is None else ctx.device
         seed_everything(cfg.seed)
         stage_dir = cfg.stage_dir(stage)
