@@ -213,6 +213,8 @@ def submit(
     run_name: str,
     version_name: str,
     namespace: str | None = None,
+    service_account: str | None = None,
+    placement: TrainPlacement | None = None,
     wait: bool = False,
     timeout_s: int = 24 * 3600,
     client: Any | None = None,
@@ -227,6 +229,10 @@ def submit(
         run_name: the run's display name.
         version_name: the new pipeline version's name (unique per pipeline).
         namespace: the Kubeflow profile namespace (multi-user deployments).
+        service_account: the Kubernetes service account the run's pods use (``None``: the cluster's default). A
+            run whose training goes through the TrainJob launcher needs ``refine-launcher`` (manifests/base/launcher),
+            the account allowed to create TrainJobs; KFP sets it per run, not per task.
+        placement: the nodes x GPUs of the data-parallel training stage (:class:`TrainPlacement`).
         wait: wait for the run to end.
         timeout_s: how long to wait.
         client: a ``kfp.Client`` (tests pass a fake); default: ``kfp.Client(host=host, namespace=...)``.
@@ -239,7 +245,7 @@ def submit(
 
         client = kfp.Client(host=host, namespace=namespace or "kubeflow",
                             existing_token=os.environ.get("KFP_TOKEN") or None)
-    pipeline = load_pipeline(name)
+    pipeline = load_pipeline(name, placement)
     with tempfile.TemporaryDirectory(prefix="refine-submit-") as tmp:
         package = str(Path(tmp) / f"{pipeline.name}.yaml")
         compiler.Compiler().compile(pipeline, package)
@@ -251,7 +257,8 @@ def submit(
         version = client.upload_pipeline_version(package, pipeline_version_name=version_name, pipeline_id=pipeline_id)
     exp = client.create_experiment(experiment, namespace=namespace)
     run = client.run_pipeline(experiment_id=exp.experiment_id, job_name=run_name, params=params,
-                              pipeline_id=pipeline_id, version_id=version.pipeline_version_id)
+                              pipeline_id=pipeline_id, version_id=version.pipeline_version_id,
+                              service_account=service_account or None)
     _out(f"submitted run {run.run_id} of {pipeline.name} version {version_name!r} in experiment {experiment!r}")
     _out(f"  {host.rstrip('/')}/#/runs/details/{run.run_id}")
     if not wait:
@@ -278,6 +285,10 @@ def wait_for_run(client: Any, run_id: str, timeout_s: float, poll_s: float = 5.0
             return "TIMEOUT"
         time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
 
+
+
+# The service account `refine pipeline submit` starts runs as when --service-account is not given.
+SERVICE_ACCOUNT_ENV = "REFINE_KFP_SERVICE_ACCOUNT"
 
 
 def _placement_arguments(sub: argparse.ArgumentParser) -> None:
@@ -322,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--run-name", help="run display name (default: <config name>-<time>)")
             sub.add_argument("--version-name", help="pipeline version name (default: <config name>-<time>)")
             sub.add_argument("--namespace", help="Kubeflow profile namespace (multi-user deployments)")
+            sub.add_argument("--service-account", default=os.environ.get(SERVICE_ACCOUNT_ENV) or None,
+                             help="Kubernetes service account of the run's pods; multi-GPU runs need refine-launcher, "
+                             f"which may create TrainJobs (default: ${SERVICE_ACCOUNT_ENV}, else the cluster's)")
             sub.add_argument("--wait", action="store_true", help="wait for the run to end and report its state")
             sub.add_argument("--timeout", type=int, default=24 * 3600, help="seconds to wait (default: 1 day)")
     return parser
@@ -359,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _, state = submit(
             args.host, args.pipeline, {"config_yaml": config_yaml, **params}, experiment=args.experiment,
             run_name=args.run_name or f"{cfg.name}-{stamp}", version_name=args.version_name or f"{cfg.name}-{stamp}",
-            namespace=args.namespace, wait=args.wait, timeout_s=args.timeout,
+            namespace=args.namespace, service_account=args.service_account, placement=placement, wait=args.wait,
+            timeout_s=args.timeout,
         )
         return 0 if state in (None, "SUCCEEDED") else 1
 

@@ -6,6 +6,8 @@
 * :mod:`refine_core.distributed.trainjob` — builds, validates, creates and watches a ``TrainJob``
   (``trainer.kubeflow.org/v1alpha1``) that runs ``torchrun -m refine_core <stage>`` with our image. It needs the
   ``kubernetes`` and ``kubeflow-trainer-api`` packages (the ``kfp`` extra), so it is not imported here.
+* :mod:`refine_core.distributed.handover` — what the launcher component and the TrainJob's pods exchange through a
+  staging location (``s3://`` or a shared volume): the prepared data in, the exported model and result out.
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ def assert_no_credentials_reached_the_api(fake: FakeKfp) -> None:
 def test_submit_uploads_a_version_starts_a_run_and_waits_for_success(tmp_path: Path) -> None:
     with FakeKfp(run_states=["RUNNING", "SUCCEEDED"]) as fake:
         done = submit(fake, tmp_path, "--run-name", "integration-run", "--version-name", "v-integration-1",
-                      "--param", "model_name=refine-submitted", "refine.steps=3")
+                      "--param", "model_name=refine-submitted", "--nodes", "2", "--gpus-per-node", "8",
+                      "--service-account", "refine-launcher", "refine.steps=3")
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         assert not fake.unexpected, fake.unexpected
         [run_id] = fake.runs
@@ -79,11 +80,16 @@ def test_submit_uploads_a_version_starts_a_run_and_waits_for_success(tmp_path: P
         spec = next(yaml.safe_load_all(version.package))
         assert spec["pipelineInfo"]["name"] == PIPELINE and "config_yaml" in spec["root"]["inputDefinitions"][
             "parameters"]
+        # --nodes 2 --gpus-per-node 8: both mid-training arms are TrainJob launchers, no train-refine task is left
+        components = set(spec["components"])
+        assert {"comp-launch-trainjob", "comp-launch-trainjob-2"} <= components
+        assert not any(c.startswith("comp-train-refine") for c in components)
         # the run: in the named experiment, of that version, with the config and the extra parameter
         body = fake.runs[run_id].body
         [experiment] = fake.experiments.values()
         assert experiment["display_name"] == EXPERIMENT and body["experiment_id"] == experiment["experiment_id"]
         assert body["display_name"] == "integration-run"
+        assert body["service_account"] == "refine-launcher"  # the account whose Role may create TrainJobs
         assert body["pipeline_version_reference"] == {"pipeline_id": pipeline.pipeline_id,
                                                       "pipeline_version_id": version.version_id}
         params = body["runtime_config"]["parameters"]
@@ -115,6 +121,7 @@ def test_a_failed_run_is_reported_with_a_nonzero_exit(tmp_path: Path) -> None:
         assert (version.pipeline_id, version.name) == (pipeline_id, "v-integration-2")
         assert fake.runs[run_id].body["experiment_id"] == experiment_id and len(fake.experiments) == 1
         assert fake.runs[run_id].body["display_name"].startswith("tiny-cpu-")  # the default run name
+        assert not fake.runs[run_id].body.get("service_account")  # none given: the cluster's default account
         assert_no_credentials_reached_the_api(fake)
     assert f"run {run_id} finished: FAILED" in done.stdout
 

@@ -28,6 +28,20 @@ def test_compile_through_the_refine_command(tmp_path: Path, capsys) -> None:
     assert [p.name for p in (tmp_path / "one").iterdir()] == ["refine-eval.yaml"]
 
 
+def test_compile_with_more_gpus_builds_the_trainjob_variants(tmp_path: Path, capsys) -> None:
+    assert refine_cli.main(["pipeline", "compile", "--nodes", "2", "--gpus-per-node", "8", "--output",
+                            str(tmp_path)]) == 0
+    written = sorted(p.name for p in tmp_path.glob("*.yaml"))
+    assert written == ["refine-full-2x8gpu.yaml", "refine-midtrain-2x8gpu.yaml", "refine-pretrain-2x8gpu.yaml"]
+    spec = next(yaml.safe_load_all((tmp_path / "refine-midtrain-2x8gpu.yaml").read_text()))
+    assert "comp-launch-trainjob" in spec["components"]
+    capsys.readouterr()
+    assert refine_cli.main(["pipeline", "compile", "--pipeline", "eval", "--gpus-per-node", "4", "--output",
+                            str(tmp_path / "eval")]) == 2
+    assert "no data-parallel training stage" in capsys.readouterr().err
+    assert refine_cli.main(["pipeline", "compile", "--nodes", "0", "--output", str(tmp_path / "zero")]) == 2
+
+
 def test_refine_help_lists_the_pipeline_command(capsys) -> None:
     with pytest.raises(SystemExit):
         refine_cli.main(["--help"])
@@ -83,9 +97,11 @@ class FakeClient:
         self.calls.append(("create_experiment", name))
         return SimpleNamespace(experiment_id="eid-1")
 
-    def run_pipeline(self, experiment_id: str, job_name: str, params: dict, pipeline_id: str, version_id: str):
+    def run_pipeline(self, experiment_id: str, job_name: str, params: dict, pipeline_id: str, version_id: str,
+                     service_account: str | None = None):
         self.calls.append(("run_pipeline", experiment_id, job_name, pipeline_id, version_id))
         self.params = params
+        self.service_account = service_account
         return SimpleNamespace(run_id="rid-1")
 
     def get_run(self, run_id: str):
@@ -103,6 +119,7 @@ def test_submit_uploads_a_version_runs_it_and_waits(monkeypatch, capsys, state: 
         return clients[-1]
 
     monkeypatch.setattr(kfp, "Client", make_client)
+    monkeypatch.setenv(cli.SERVICE_ACCOUNT_ENV, "refine-launcher")
     argv = ["submit", "--host", "http://kfp.example:8080", "--config", TINY, "--experiment", "nightly",
             "--version-name", "v-1", "--run-name", "r-1", "--param", "model_name=deltanet-x", "--wait",
             "refine.steps=3"]
@@ -117,6 +134,7 @@ def test_submit_uploads_a_version_runs_it_and_waits(monkeypatch, capsys, state: 
     assert yaml.safe_load(client.params["config_yaml"])["refine"]["steps"] == 3
     # a cluster resolves task files in the pod: they stay as written
     assert yaml.safe_load(client.params["config_yaml"])["post"]["train_files"][0].startswith("configs/")
+    assert client.service_account == "refine-launcher"  # from $REFINE_KFP_SERVICE_ACCOUNT
     out = capsys.readouterr().out
     assert "http://kfp.example:8080/#/runs/details/rid-1" in out and f"finished: {state}" in out
 
