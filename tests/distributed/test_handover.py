@@ -6,9 +6,7 @@ S3 is moto's in-process mock; the training runs are the tiny CPU NTP runs of ``t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from safetensors.torch import load_file
@@ -19,24 +17,8 @@ from refine_core.distributed import handover
 from refine_core.stages.train_ntp import train_ntp
 from refine_core.training.result import RESULT_FILE, TrainResult, export_result, load_exported_result
 from refine_core.training.setup import localize_inputs
+from tests.data.test_storage import s3  # noqa: F401 - the moto S3 fixture (bucket "bkt")
 from tests.stages.test_train_ntp import prepared, run_cfg  # noqa: F401 - `prepared` is a module fixture
-
-moto = pytest.importorskip("moto")
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with moto.mock_aws():
-        import boto3
-
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="bkt")
-        yield client
 
 
 def fake_model(root: Path) -> Path:
@@ -56,7 +38,7 @@ def test_an_export_round_trips_through_a_directory(tmp_path):
     assert json.loads((tmp_path / "shared" / "result" / RESULT_FILE).read_text())["stage"] == "train-ntp"
 
 
-def test_an_export_round_trips_through_s3(tmp_path, s3):
+def test_an_export_round_trips_through_s3(tmp_path, s3):  # noqa: F811 - the fixture
     result = TrainResult(fake_model(tmp_path / "m"), steps=3, final_eval_loss=None)
     export_result(result, "s3://bkt/staging/run/task/result")
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="bkt")["Contents"])
@@ -67,7 +49,7 @@ def test_an_export_round_trips_through_s3(tmp_path, s3):
     assert (back.model_dir / "config.json").read_text() == '{"model_type": "delta_net"}'
 
 
-def test_a_missing_or_incomplete_export_is_named(tmp_path, s3):
+def test_a_missing_or_incomplete_export_is_named(tmp_path, s3):  # noqa: F811 - the fixture
     with pytest.raises(FileNotFoundError, match="did not complete its export"):
         load_exported_result(str(tmp_path / "nothing"), tmp_path / "cache")
     # The model was uploaded but result.json (written last) was not: not complete.

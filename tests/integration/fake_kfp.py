@@ -6,7 +6,8 @@ Endpoints: ``GET healthz``; ``GET pipelines`` (filtered by display name), ``POST
 display name) and ``POST experiments``; ``POST runs`` and ``GET runs/{id}``. A run follows a scripted list of states,
 one step per GET (``RUNNING`` then ``SUCCEEDED``, say); the last state repeats. Anything else is answered 404 and
 recorded in :attr:`FakeKfp.unexpected`. Every request is recorded (method, path with query, headers, raw body), so a
-test can check what reached the API and that no credential did.
+test can check what reached the API and that no credential did; each created run keeps its request body and the
+service account it asked for (:attr:`FakeRun.service_account`).
 
 The server listens on 127.0.0.1 with an ephemeral port, serves each request in a daemon thread, and shuts itself
 down after ``lifetime_s`` even if a test forgets to stop it.
@@ -51,8 +52,11 @@ class Upload:
 @dataclass
 class FakeRun:
     run_id: str
-    body: dict[str, Any]
+    body: dict[str, Any]  # the create-run request as sent
     states: list[str]
+    # The run body's ``service_account``: the Kubernetes account the run's pods use. ``None`` when the client sent
+    # none (kfp.Client leaves the field out) or an empty one; the real API then uses the cluster's default account.
+    service_account: str | None = None
     gets: int = 0
 
 
@@ -211,7 +215,8 @@ class FakeKfp:
                    for u in self.uploads):
             return _error(404, f"pipeline version {ref!r} not found")
         run_id = f"run-{uuid.uuid4().hex[:8]}"
-        self.runs[run_id] = FakeRun(run_id, payload, list(self.run_states))
+        self.runs[run_id] = FakeRun(run_id, payload, list(self.run_states),
+                                    service_account=payload.get("service_account") or None)
         return 200, {**payload, "run_id": run_id, "state": "PENDING", "created_at": CREATED_AT}
 
 

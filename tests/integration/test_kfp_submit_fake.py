@@ -27,6 +27,7 @@ TINY = REPO / "configs" / "tiny-cpu.yaml"
 PIPELINE = "refine-full"
 EXPERIMENT = "nightly-integration"
 SUBMIT_TIMEOUT_S = 90
+SERVICE_ACCOUNT_ENV = "REFINE_KFP_SERVICE_ACCOUNT"  # the default of --service-account
 KFP_TOKEN = "fake-kfp-bearer-token-0c1d2e"
 # Fake secrets in the submitting process's environment; none may reach the API.
 SECRETS = {
@@ -39,12 +40,14 @@ SECRETS = {
 }
 
 
-def submit(fake: FakeKfp, tmp_path: Path, *args: str):
+def submit(fake: FakeKfp, tmp_path: Path, *args: str, wait: bool = True, env_extra: dict[str, str] | None = None):
     home = tmp_path / "home"  # no ~/.config/kfp/context.json of this machine
     home.mkdir(exist_ok=True)
     env = client_env({**SECRETS, "KFP_TOKEN": KFP_TOKEN}, home=home)
+    env.pop(SERVICE_ACCOUNT_ENV, None)  # this machine's default account must not leak into the runs
+    env.update(env_extra or {})
     cmd = [*refine_command(), "pipeline", "submit", "--host", fake.host, "--config", str(TINY),
-           "--experiment", EXPERIMENT, "--wait", "--timeout", "60", *args]
+           "--experiment", EXPERIMENT, *(["--wait", "--timeout", "60"] if wait else []), *args]
     done = run_bounded(cmd, env, tmp_path, SUBMIT_TIMEOUT_S)
     assert not done.timed_out, done.stderr[-3000:]
     return done
@@ -89,7 +92,9 @@ def test_submit_uploads_a_version_starts_a_run_and_waits_for_success(tmp_path: P
         [experiment] = fake.experiments.values()
         assert experiment["display_name"] == EXPERIMENT and body["experiment_id"] == experiment["experiment_id"]
         assert body["display_name"] == "integration-run"
-        assert body["service_account"] == "refine-launcher"  # the account whose Role may create TrainJobs
+        # --service-account: the account whose Role may create TrainJobs, in the run body as kfp.Client sends it
+        assert body["service_account"] == "refine-launcher"
+        assert fake.runs[run_id].service_account == "refine-launcher"
         assert body["pipeline_version_reference"] == {"pipeline_id": pipeline.pipeline_id,
                                                       "pipeline_version_id": version.version_id}
         params = body["runtime_config"]["parameters"]
@@ -121,9 +126,24 @@ def test_a_failed_run_is_reported_with_a_nonzero_exit(tmp_path: Path) -> None:
         assert (version.pipeline_id, version.name) == (pipeline_id, "v-integration-2")
         assert fake.runs[run_id].body["experiment_id"] == experiment_id and len(fake.experiments) == 1
         assert fake.runs[run_id].body["display_name"].startswith("tiny-cpu-")  # the default run name
-        assert not fake.runs[run_id].body.get("service_account")  # none given: the cluster's default account
+        # neither --service-account nor $REFINE_KFP_SERVICE_ACCOUNT: none sent, the cluster's default account
+        assert "service_account" not in fake.runs[run_id].body and fake.runs[run_id].service_account is None
         assert_no_credentials_reached_the_api(fake)
     assert f"run {run_id} finished: FAILED" in done.stdout
+
+
+def test_the_service_account_defaults_to_the_environment(tmp_path: Path) -> None:
+    """Without --service-account, $REFINE_KFP_SERVICE_ACCOUNT names the run's account."""
+    with FakeKfp() as fake:
+        done = submit(fake, tmp_path, "--version-name", "v-integration-env", wait=False,
+                      env_extra={SERVICE_ACCOUNT_ENV: "refine-launcher"})
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert not fake.unexpected, fake.unexpected
+        [run] = fake.runs.values()
+        assert run.service_account == "refine-launcher" and run.body["service_account"] == "refine-launcher"
+        assert fake.calls()[-1] == "POST runs"  # no --wait: no polling
+        assert_no_credentials_reached_the_api(fake)
+    assert f"submitted run {run.run_id}" in done.stdout
 
 
 # kfp 2.17.3's Client.wait_for_run_completion does not treat CANCELED as final (kubeflow/pipelines#14473);

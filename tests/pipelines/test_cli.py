@@ -147,3 +147,19 @@ def test_submit_reuses_an_existing_pipeline_without_waiting() -> None:
     assert (run_id, state) == ("rid-1", None)
     assert [c[0] for c in client.calls] == ["get_pipeline_id", "upload_pipeline_version", "create_experiment",
                                             "run_pipeline"]
+    assert client.service_account is None  # none named: the cluster's default account
+
+
+def test_submit_service_account_flag_then_environment_then_none(monkeypatch) -> None:
+    """The TrainJob launcher needs a run that starts as refine-launcher (its Role may create TrainJobs)."""
+    base = ["submit", "--host", "http://h", "--config", TINY]
+    monkeypatch.delenv(cli.SERVICE_ACCOUNT_ENV, raising=False)
+    assert cli.build_parser().parse_args(base).service_account is None
+    assert cli.build_parser().parse_args([*base, "--service-account", "refine-launcher"]).service_account == (
+        "refine-launcher")
+    monkeypatch.setenv(cli.SERVICE_ACCOUNT_ENV, "")  # set but empty: still the cluster's default
+    assert cli.build_parser().parse_args(base).service_account is None
+    monkeypatch.setenv(cli.SERVICE_ACCOUNT_ENV, "from-env")
+    assert cli.build_parser().parse_args(base).service_account == "from-env"
+    assert cli.build_parser().parse_args([*base, "--service-account", "refine-launcher"]).service_account == (
+        "refine-launcher")
