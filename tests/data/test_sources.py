@@ -154,22 +154,12 @@ def test_hub_dataset_streams_through_datasets(monkeypatch: pytest.MonkeyPatch) -
 # ---------------------------------------------------------------------------------------------------------- s3
 
 
-def test_s3_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    moto = pytest.importorskip("moto")
-    for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+def test_s3_source(tmp_path: Path, s3) -> None:
+    from refine_core.storage import upload_dir
+
     _write_all_formats(tmp_path / "corpus")
-    with moto.mock_aws():
-        import boto3
-
-        from refine_core.storage import upload_dir
-
-        boto3.client("s3").create_bucket(Bucket="data")
-        upload_dir(tmp_path / "corpus", "s3://data/corpus")
-        docs = list(iter_documents(SourceConfig(path="s3://data/corpus"), cache_dir=tmp_path / "cache"))
+    upload_dir(tmp_path / "corpus", "s3://bkt/corpus")
+    docs = list(iter_documents(SourceConfig(path="s3://bkt/corpus"), cache_dir=tmp_path / "cache"))
     local = list(iter_documents(SourceConfig(path=str(tmp_path / "corpus"))))
     assert docs == local
 

@@ -146,23 +146,13 @@ def test_hub_name_failure_explains_offline(monkeypatch: pytest.MonkeyPatch) -> N
     assert str(seen["cache_dir"]).startswith("/tmp/refine-cache")
 
 
-def test_load_tokenizer_from_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    moto = pytest.importorskip("moto")
-    for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with moto.mock_aws():
-        import boto3
+def test_load_tokenizer_from_s3(tmp_path: Path, s3) -> None:
+    from refine_core.storage import upload_dir
 
-        boto3.client("s3").create_bucket(Bucket="models")
-        ByteTokenizer().save_pretrained(tmp_path / "tok")
-        from refine_core.storage import upload_dir
-
-        upload_dir(tmp_path / "tok", "s3://models/tiny/tokenizer")
-        tok = load_tokenizer("s3://models/tiny", cache_dir=tmp_path / "cache")  # finds the tokenizer/ subdir
-        assert isinstance(tok, ByteTokenizer)
+    ByteTokenizer().save_pretrained(tmp_path / "tok")
+    upload_dir(tmp_path / "tok", "s3://bkt/tiny/tokenizer")
+    tok = load_tokenizer("s3://bkt/tiny", cache_dir=tmp_path / "cache")  # finds the tokenizer/ subdir
+    assert isinstance(tok, ByteTokenizer)
 
 
 def test_protocol_lists_the_interface() -> None:

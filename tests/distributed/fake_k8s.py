@@ -34,10 +34,12 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.loopback import LoopbackServer
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +112,7 @@ class FakeKubernetes:
         self.tick = -1
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._watchdog: threading.Timer | None = None
+        self._loopback: LoopbackServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def __enter__(self) -> FakeKubernetes:
@@ -121,13 +121,8 @@ class FakeKubernetes:
         class Handler(_Handler):
             server_fake = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        self._watchdog = threading.Timer(self.lifetime_s, self.stop)
-        self._watchdog.daemon = True
-        self._watchdog.start()
+        self._loopback = LoopbackServer(Handler, self.lifetime_s, self.stop)
+        self._loopback.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -135,19 +130,13 @@ class FakeKubernetes:
 
     def stop(self) -> None:
         self.stopping.set()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(5)
+        if self._loopback is not None:
+            self._loopback.stop()
 
     @property
     def host(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        assert self._loopback is not None and self._loopback.running, "use the fake as a context manager"
+        return self._loopback.host
 
     # -- the world: what the handler asks; the scripted answers ------------------------------------------------
     def on_created(self, namespace: str, name: str, body: dict[str, Any]) -> None:

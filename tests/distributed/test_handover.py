@@ -17,7 +17,6 @@ from refine_core.distributed import handover
 from refine_core.stages.train_ntp import train_ntp
 from refine_core.training.result import RESULT_FILE, TrainResult, export_result, load_exported_result
 from refine_core.training.setup import localize_inputs
-from tests.data.test_storage import s3  # noqa: F401 - the moto S3 fixture (bucket "bkt")
 from tests.stages.test_train_ntp import prepared, run_cfg  # noqa: F401 - `prepared` is a module fixture
 
 
@@ -38,7 +37,7 @@ def test_an_export_round_trips_through_a_directory(tmp_path):
     assert json.loads((tmp_path / "shared" / "result" / RESULT_FILE).read_text())["stage"] == "train-ntp"
 
 
-def test_an_export_round_trips_through_s3(tmp_path, s3):  # noqa: F811 - the fixture
+def test_an_export_round_trips_through_s3(tmp_path, s3):
     result = TrainResult(fake_model(tmp_path / "m"), steps=3, final_eval_loss=None)
     export_result(result, "s3://bkt/staging/run/task/result")
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="bkt")["Contents"])
@@ -49,7 +48,7 @@ def test_an_export_round_trips_through_s3(tmp_path, s3):  # noqa: F811 - the fix
     assert (back.model_dir / "config.json").read_text() == '{"model_type": "delta_net"}'
 
 
-def test_a_missing_or_incomplete_export_is_named(tmp_path, s3):  # noqa: F811 - the fixture
+def test_a_missing_or_incomplete_export_is_named(tmp_path, s3):
     with pytest.raises(FileNotFoundError, match="did not complete its export"):
         load_exported_result(str(tmp_path / "nothing"), tmp_path / "cache")
     # The model was uploaded but result.json (written last) was not: not complete.

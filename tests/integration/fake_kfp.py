@@ -22,9 +22,11 @@ import re
 import threading
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.loopback import LoopbackServer
 
 API = "/apis/v2beta1"
 CREATED_AT = "2026-01-01T00:00:00Z"
@@ -82,10 +84,7 @@ class FakeKfp:
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._watchdog: threading.Timer | None = None
-        self._host = ""
+        self._loopback: LoopbackServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def __enter__(self) -> FakeKfp:
@@ -94,34 +93,22 @@ class FakeKfp:
         class Handler(_Handler):
             server_fake = fake
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._host = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        self._watchdog = threading.Timer(self.lifetime_s, self.stop)
-        self._watchdog.daemon = True
-        self._watchdog.start()
+        self._loopback = LoopbackServer(Handler, self.lifetime_s, self.stop)
+        self._loopback.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def stop(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5)
+        if self._loopback is not None:
+            self._loopback.stop()
 
     @property
     def host(self) -> str:
         """``http://127.0.0.1:<port>`` (still known after the server stopped)."""
-        assert self._host, "use FakeKfp as a context manager"
-        return self._host
+        assert self._loopback is not None, "use FakeKfp as a context manager"
+        return self._loopback.host
 
     # -- state the tests set up or inspect ---------------------------------------------------------------------
     def add_pipeline(self, name: str) -> str:
