@@ -15,11 +15,13 @@ Two engines compute the same numbers:
     log-probs, and once more with gradients (optionally left-padded to the full document length like the
     official code). Cost: about 3·M·G prefix passes per document on top of the NTP pass.
 ``branch``
-    One pass over the document, split at the cut points and carrying the recurrent state across the splits,
-    yields the NTP loss and the state at every cut; rollouts continue from copies of those states. With
-    gradients, the rollout log-probs flow back into the shared document pass. Cost: the NTP pass, one more
-    no-grad pass, and M·G·k decode steps per document. This is exact for DeltaNet-style models, whose whole
-    past is the state (spec §2.3).
+    One pass over a micro-batch of documents yields the NTP loss and, in the same pass, the fast-weight state at
+    every cut point of every document (``model(..., cuts=...)``; the delta rule runs all segments of all documents
+    side by side, :mod:`refine_core.models.ops.cut_states`); rollouts continue from those states. With gradients,
+    the rollout log-probs flow back into the shared document pass. Cost: the NTP pass, one more no-grad pass, and
+    k decode steps for all B·M·G rollouts of a step together. This is exact for DeltaNet-style models, whose whole
+    past is the state (spec §2.3). Kernel shapes depend only on the micro-batch's padded width, never on where the
+    cuts fall, so new cut positions compile nothing.
 
 Sampling is batch-invariant: every rollout draws its k uniforms from its own generator seeded by
 ``(seed, step, document, position, g)``, so both engines (which batch rollouts differently) and a resumed run
@@ -166,24 +168,32 @@ def _token_logp(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) 
     return F.log_softmax(_fp32_or_wider(logits) / temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
-def forward_segments(
-    model: FastWeightForCausalLM, doc: torch.Tensor, cuts: Sequence[int]
-) -> tuple[torch.Tensor, dict[int, FastWeightCache]]:
-    """Read one unpadded document ``[L]`` in segments split at ``cuts``, carrying the recurrent state.
+def _cut_batch(
+    batch: PositionBatch, rows: Sequence[int], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Documents ``rows`` left-padded together, with their cut points in padded coordinates ``[b, M]``."""
+    docs = [batch.docs[b] for b in rows]
+    ids, mask = left_pad(docs, pad_id)
+    pads = torch.tensor([ids.shape[1] - d.numel() for d in docs])
+    cuts = batch.rollout_start[list(rows)] + pads[:, None]
+    return ids.to(device), mask.to(device), cuts
 
-    Returns the final hidden states ``[L, D]`` (equal to one pass over the whole document) and the cache after
-    each cut, i.e. the fast weights having read exactly ``doc[:cut]``. Differentiable when grad is enabled.
+
+def branch_states(
+    model: FastWeightForCausalLM, batch: PositionBatch, rows: Sequence[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, FastWeightCache, torch.Tensor]:
+    """One pass over documents ``rows``: their states at the cut points and the logits of each first rollout token.
+
+    Returns ``(hidden [b, S, D], ids, mask, cut_cache, first_logits)``: the final hidden states of the left-padded
+    documents (for the NTP loss), the cache after each cut (b·M rows ordered (doc, j)) and ``[b·M, V]`` logits of the
+    token after each cut, predicted from the last prefix position. Differentiable when grad is enabled.
     """
-    bounds = sorted(set(int(c) for c in cuts))
-    hidden, caches, cache, start = [], {}, None, 0
-    for end in [*bounds, doc.numel()]:
-        if end > start:
-            out = model(doc[None, start:end], cache=cache, use_cache=True, return_logits=False)
-            hidden.append(out.hidden_states[0])
-            cache, start = out.cache, end
-        if end < doc.numel():
-            caches[end] = cache
-    return torch.cat(hidden), caches
+    ids, mask, cuts = _cut_batch(batch, rows, pad_id, model.device)
+    out = model(ids, attention_mask=mask, cuts=cuts, return_logits=False)
+    last_prefix = (cuts - 1).to(model.device)  # [b, M]
+    index = last_prefix[..., None].expand(*last_prefix.shape, out.hidden_states.shape[-1])
+    first = model.lm_head(out.hidden_states.gather(1, index)).flatten(0, 1)
+    return out.hidden_states, ids, mask, out.cut_cache, first
 
 
 def _rollout_index(batch: PositionBatch, group_size: int, grouping: str) -> dict[str, torch.Tensor]:
@@ -282,28 +292,30 @@ def sample_rollouts(
             hidden.append(_fp32_or_wider(out.hidden_states[:, -k:]).cpu())
             tokens.append(y.cpu())
     elif engine == "branch":
-        m = batch.rollout_start.shape[1]
-        for b, doc in enumerate(batch.docs):
-            cuts = batch.rollout_start[b].tolist()
-            doc_hidden, caches = forward_segments(model, doc.to(device), cuts)
-            state = FastWeightCache.cat([caches[c] for c in cuts]).repeat_interleave(g)  # rows (j, g)
-            first = model.lm_head(doc_hidden[torch.tensor(cuts, device=device) - 1]).repeat_interleave(g, dim=0)
-            rows = slice(b * m * g, (b + 1) * m * g)
-            y = generate(
-                model,
-                doc.new_empty((m * g, 0)).to(device),
-                sampling=sampling,
-                eos_token_id=eos_id,
-                pad_token_id=pad_id,
-                cache=state,
-                next_logits=first,
-                uniforms=uniforms[rows].to(device),
-            ).tokens
-            out = model(y, cache=state)
-            logp = torch.cat([first[:, None], out.logits[:, :-1]], 1)
-            old_logp.append(_token_logp(logp, y, settings.temperature).cpu())
-            hidden.append(_fp32_or_wider(out.hidden_states).cpu())
-            tokens.append(y.cpu())
+        # The states at all cuts of all documents, one pass per micro-batch; then all rollouts decode together.
+        caches, firsts = [], []
+        for lo in range(0, len(batch.docs), settings.micro_batch_size):
+            rows = range(lo, min(lo + settings.micro_batch_size, len(batch.docs)))
+            _, _, _, cut_cache, first = branch_states(model, batch, rows, pad_id)
+            caches.append(cut_cache)
+            firsts.append(first)
+        state = FastWeightCache.cat(caches).repeat_interleave(g)  # rows (doc, j, g)
+        first = torch.cat(firsts).repeat_interleave(g, dim=0)
+        y = generate(
+            model,
+            first.new_empty((first.shape[0], 0), dtype=torch.long),
+            sampling=sampling,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            cache=state,
+            next_logits=first,
+            uniforms=uniforms.to(device),
+        ).tokens
+        out = model(y, cache=state)
+        logp = torch.cat([first[:, None], out.logits[:, :-1]], 1)
+        old_logp.append(_token_logp(logp, y, settings.temperature).cpu())
+        hidden.append(_fp32_or_wider(out.hidden_states).cpu())
+        tokens.append(y.cpu())
     else:
         raise ValueError(f"unknown rollout engine {engine!r}; use 'branch' or 'faithful'")
     return Rollouts(tokens=torch.cat(tokens), old_logp=torch.cat(old_logp), rollout_hidden=torch.cat(hidden), **idx)
@@ -345,19 +357,11 @@ def policy_pass(
         logits = model.lm_head(out.hidden_states[:, -k - 1 : -1])
         return ntp_sum, _token_logp(logits, y, settings.temperature)
     if engine == "branch":
-        ntp_sum = torch.zeros((), device=device)
-        logps = []
-        for b in doc_rows:
-            doc = batch.docs[b].to(device)
-            cuts = batch.rollout_start[b].tolist()
-            doc_hidden, caches = forward_segments(model, doc, cuts)
-            ones = torch.ones(1, doc.numel(), dtype=torch.long, device=device)
-            ntp_sum = ntp_sum + ntp_labels_fn(doc_hidden[None], doc[None], ones)
-            sel = rollouts.doc_index == b
-            y = rollouts.tokens[sel].to(device)  # rows ordered (j, g)
-            state = FastWeightCache.cat([caches[c] for c in cuts]).repeat_interleave(g)
-            first = model.lm_head(doc_hidden[torch.tensor(cuts, device=device) - 1]).repeat_interleave(g, dim=0)
-            rest = model(y[:, : k - 1], cache=state).logits if k > 1 else first[:, :0]
-            logps.append(_token_logp(torch.cat([first[:, None], rest], 1), y, settings.temperature))
-        return ntp_sum, torch.cat(logps)
+        doc_hidden, ids, mask, cut_cache, first = branch_states(model, batch, doc_rows, pad_id)
+        ntp_sum = ntp_labels_fn(doc_hidden, ids, mask)
+        y = rollouts.tokens.to(device)  # rows ordered (doc, j, g), the documents in doc_rows order
+        state = cut_cache.repeat_interleave(g)
+        first = first.repeat_interleave(g, dim=0)
+        rest = model(y[:, : k - 1], cache=state).logits if k > 1 else first.new_zeros(first.shape[0], 0, first.shape[1])
+        return ntp_sum, _token_logp(torch.cat([first[:, None], rest], 1), y, settings.temperature)
     raise ValueError(f"unknown rollout engine {engine!r}; use 'branch' or 'faithful'")

@@ -6,6 +6,7 @@
     out.logits        # [B, T, V] (or None with return_logits=False)
     out.hidden_states # [B, T, D] final-normed last-layer states (the LM head's input; spec §1 reward states)
     out.cache         # FastWeightCache after these tokens, to continue decoding or branch rollouts
+    out.cut_cache     # with cuts=[B, M]: the cache after the first cuts[b, j] tokens of each row (rows (b, j))
 
 State-dict keys are fla's (``model.embeddings.weight``, ``model.layers.N.attn.q_proj.weight``, ...,
 ``lm_head.weight``), so fla checkpoints load with a strict key check and our checkpoints load into fla.
@@ -31,6 +32,8 @@ class LMOutput:
     logits: torch.Tensor | None  # [B, T, V]
     hidden_states: torch.Tensor  # [B, T, D], final-normed
     cache: FastWeightCache | None
+    # With ``cuts``: the state after the first ``cuts[b, j]`` tokens of row ``b``, as B·M rows ordered (b, j).
+    cut_cache: FastWeightCache | None = None
 
 
 def _make_mixer(config: FastWeightConfig, layer_idx: int) -> nn.Module:
@@ -57,11 +60,12 @@ class FastWeightBlock(nn.Module):
         attention_mask: torch.Tensor | None,
         state: LayerState | None,
         use_cache: bool,
-    ) -> tuple[torch.Tensor, LayerState | None]:
-        mixed, new_state = self.attn(self.attn_norm(hidden_states), attention_mask, state, use_cache)
+        cuts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, LayerState | None, LayerState | None]:
+        mixed, new_state, cut_state = self.attn(self.attn_norm(hidden_states), attention_mask, state, use_cache, cuts)
         hidden_states = hidden_states + mixed
         hidden_states = hidden_states + self.mlp(self.mlp_norm(hidden_states))
-        return hidden_states, new_state
+        return hidden_states, new_state, cut_state
 
 
 class FastWeightModel(nn.Module):
@@ -124,6 +128,7 @@ class FastWeightForCausalLM(nn.Module):
         cache: FastWeightCache | None = None,
         use_cache: bool = False,
         return_logits: bool = True,
+        cuts: torch.Tensor | None = None,
     ) -> LMOutput:
         """Read ``input_ids`` after the prefix summarised by ``cache``.
 
@@ -135,23 +140,31 @@ class FastWeightForCausalLM(nn.Module):
             use_cache: return the state after these tokens.
             return_logits: compute the LM head; ``False`` returns only hidden states (e.g. to compute logits in
                 chunks for long sequences).
+            cuts: ``[B, M]`` positions in ``[0, T]`` (of these tokens, pads included): also return ``cut_cache``, the
+                state after the first ``cuts[b, j]`` tokens of each row, computed in this same pass and
+                differentiable (REFINE's branch rollouts continue from it, spec §2.3).
         """
         hidden = self.model.embeddings(input_ids)
         layers = self.model.layers
         new_cache = FastWeightCache.empty(len(layers)) if use_cache else None
+        cut_cache = FastWeightCache.empty(len(layers)) if cuts is not None else None
         for i, block in enumerate(layers):
             state = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden, layer_state = checkpoint(block, hidden, attention_mask, state, use_cache, use_reentrant=False)
+                hidden, layer_state, cut_state = checkpoint(
+                    block, hidden, attention_mask, state, use_cache, cuts, use_reentrant=False
+                )
             else:
-                hidden, layer_state = block(hidden, attention_mask, state, use_cache)
+                hidden, layer_state, cut_state = block(hidden, attention_mask, state, use_cache, cuts)
             if new_cache is not None:
                 new_cache.layers[i] = layer_state
+            if cut_cache is not None:
+                cut_cache.layers[i] = cut_state
         hidden = self.model.norm(hidden)
         if new_cache is not None:
             new_cache.seen_tokens = (cache.seen_tokens if cache is not None else 0) + input_ids.shape[1]
         logits = self.lm_head(hidden) if return_logits else None
-        return LMOutput(logits=logits, hidden_states=hidden, cache=new_cache)
+        return LMOutput(logits=logits, hidden_states=hidden, cache=new_cache, cut_cache=cut_cache)
 
 
 def build_model(config: FastWeightConfig) -> FastWeightForCausalLM:

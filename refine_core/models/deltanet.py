@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from refine_core.models.cache import LayerState
 from refine_core.models.configuration import DeltaNetConfig
 from refine_core.models.layers import GatedRMSNorm, RMSNorm, ShortConvolution
-from refine_core.models.ops import delta_rule
+from refine_core.models.ops import delta_rule, delta_rule_with_cuts
+from refine_core.models.ops.conv import conv_cache_at
 
 
 def apply_padding_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -25,18 +26,55 @@ def apply_padding_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tens
     return x * mask.view(*mask.shape, *([1] * (x.dim() - 2))).to(x.dtype)
 
 
+# q, k, v, the conv caches after all tokens, the conv caches at the cuts
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]
+
+
 def conv_qkv(
-    layer: nn.Module, x: torch.Tensor, state: LayerState | None, use_cache: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...] | None]:
+    layer: nn.Module, x: torch.Tensor, state: LayerState | None, use_cache: bool, cuts: torch.Tensor | None = None
+) -> QKV:
     """q, k, v through the layer's projections and short convolutions, continuing from ``state``'s conv caches.
 
-    Returns the three ``[B, T, D]`` tensors and the new conv caches (``None`` unless ``use_cache``).
+    Returns the three ``[B, T, D]`` tensors, the new conv caches (``None`` unless ``use_cache``) and the conv caches
+    at ``cuts`` (``[B * M, D, W]`` each, ``None`` without cuts).
     """
-    cq, ck, cv = state.conv_states if state is not None and state.conv_states is not None else (None,) * 3
-    q, cq = layer.q_conv1d(layer.q_proj(x), cache=cq, output_final_state=use_cache)
-    k, ck = layer.k_conv1d(layer.k_proj(x), cache=ck, output_final_state=use_cache)
-    v, cv = layer.v_conv1d(layer.v_proj(x), cache=cv, output_final_state=use_cache)
-    return q, k, v, ((cq, ck, cv) if use_cache else None)
+    caches = state.conv_states if state is not None and state.conv_states is not None else (None,) * 3
+    outputs, new_caches, cut_caches = [], [], []
+    convs = (layer.q_conv1d, layer.k_conv1d, layer.v_conv1d)
+    for proj, conv, cache in zip((layer.q_proj, layer.k_proj, layer.v_proj), convs, caches, strict=True):
+        pre = proj(x)
+        y, new = conv(pre, cache=cache, output_final_state=use_cache)
+        outputs.append(y)
+        new_caches.append(new)
+        if cuts is not None:
+            cut_caches.append(conv_cache_at(pre, cache, cuts, conv.kernel_size[0]))
+    q, k, v = outputs
+    return q, k, v, (tuple(new_caches) if use_cache else None), (tuple(cut_caches) if cuts is not None else None)
+
+
+def mix(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    *,
+    state: LayerState | None,
+    use_cache: bool,
+    cuts: torch.Tensor | None,
+    use_qk_l2norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The delta rule of one layer: ``(o, state after all tokens or None, [B * M, H, K, V] states at cuts or None)``."""
+    initial_state = state.recurrent_state if state is not None else None
+    if cuts is None:
+        o, final = delta_rule(
+            q, k, v, beta, g, initial_state=initial_state, output_final_state=use_cache, use_qk_l2norm=use_qk_l2norm
+        )
+        return o, final, None
+    o, final, at_cuts = delta_rule_with_cuts(
+        q, k, v, beta, g, cuts=cuts, initial_state=initial_state, use_qk_l2norm=use_qk_l2norm
+    )
+    return o, (final if use_cache else None), at_cuts.flatten(0, 1)
 
 
 class DeltaNet(nn.Module):
@@ -68,14 +106,14 @@ class DeltaNet(nn.Module):
         self.o_proj = nn.Linear(config.value_dim, config.hidden_size, bias=False)
 
     def _qkv(
-        self, x: torch.Tensor, state: LayerState | None, use_cache: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...] | None]:
+        self, x: torch.Tensor, state: LayerState | None, use_cache: bool, cuts: torch.Tensor | None
+    ) -> QKV:
         if self.config.use_short_conv:
-            return conv_qkv(self, x, state, use_cache)
+            return conv_qkv(self, x, state, use_cache, cuts)
         q, k, v = self.q_proj(x), self.k_proj(x), F.silu(self.v_proj(x))
         if self.config.qk_activation == "silu":
             q, k = F.silu(q), F.silu(k)
-        return q, k, v, None
+        return q, k, v, None, None
 
     def forward(
         self,
@@ -83,7 +121,8 @@ class DeltaNet(nn.Module):
         attention_mask: torch.Tensor | None = None,
         state: LayerState | None = None,
         use_cache: bool = False,
-    ) -> tuple[torch.Tensor, LayerState | None]:
+        cuts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, LayerState | None, LayerState | None]:
         """Mix tokens.
 
         Args:
@@ -91,14 +130,15 @@ class DeltaNet(nn.Module):
             attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding (of this call's tokens only).
             state: this layer's state after the previous tokens, or ``None`` for an empty prefix.
             use_cache: return the state after these tokens.
+            cuts: ``[B, M]`` positions in ``[0, T]``; also return the state after the first ``cuts[b, j]`` tokens.
 
         Returns:
-            ``([B, T, D]`` output, the new state or ``None``).
+            ``([B, T, D]`` output, the new state or ``None``, the states at the cuts (rows ``(b, j)``) or ``None``).
         """
         cfg = self.config
         batch, seq_len, _ = hidden_states.shape
         x = apply_padding_mask(hidden_states, attention_mask)
-        q, k, v, conv_states = self._qkv(x, state, use_cache)
+        q, k, v, conv_states, cut_conv = self._qkv(x, state, use_cache, cuts)
         q = q.view(batch, seq_len, self.num_heads, self.head_k_dim)
         k = k.view(batch, seq_len, self.num_heads, self.head_k_dim)
         v = v.view(batch, seq_len, self.num_heads, self.head_v_dim)
@@ -115,14 +155,8 @@ class DeltaNet(nn.Module):
             beta = beta * 2.0
         beta = apply_padding_mask(beta, attention_mask)
 
-        o, recurrent_state = delta_rule(
-            q,
-            k,
-            v,
-            beta,
-            initial_state=state.recurrent_state if state is not None else None,
-            output_final_state=use_cache,
-            use_qk_l2norm=cfg.qk_norm == "l2",
+        o, recurrent_state, cut_recurrent = mix(
+            q, k, v, beta, None, state=state, use_cache=use_cache, cuts=cuts, use_qk_l2norm=cfg.qk_norm == "l2"
         )
         if cfg.use_gate:
             gate = self.g_proj(x).view(batch, seq_len, self.num_heads, self.head_v_dim)
@@ -131,4 +165,5 @@ class DeltaNet(nn.Module):
             o = self.o_norm(o)
         o = self.o_proj(o.reshape(batch, seq_len, -1).to(hidden_states.dtype))
         new_state = LayerState(recurrent_state=recurrent_state, conv_states=conv_states) if use_cache else None
-        return o, new_state
+        cut_state = None if cuts is None else LayerState(recurrent_state=cut_recurrent, conv_states=cut_conv)
+        return o, new_state, cut_state

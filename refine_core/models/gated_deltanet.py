@@ -16,9 +16,8 @@ import torch.nn.functional as F
 
 from refine_core.models.cache import LayerState
 from refine_core.models.configuration import GatedDeltaNetConfig
-from refine_core.models.deltanet import apply_padding_mask, conv_qkv
+from refine_core.models.deltanet import apply_padding_mask, conv_qkv, mix
 from refine_core.models.layers import GatedRMSNorm, RMSNorm, ShortConvolution
-from refine_core.models.ops import delta_rule
 
 
 class GatedDeltaNet(nn.Module):
@@ -69,16 +68,17 @@ class GatedDeltaNet(nn.Module):
         attention_mask: torch.Tensor | None = None,
         state: LayerState | None = None,
         use_cache: bool = False,
-    ) -> tuple[torch.Tensor, LayerState | None]:
+        cuts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, LayerState | None, LayerState | None]:
         """Same contract as :meth:`refine_core.models.deltanet.DeltaNet.forward`."""
         cfg = self.config
         batch, seq_len, _ = hidden_states.shape
         x = apply_padding_mask(hidden_states, attention_mask)
         if cfg.use_short_conv:
-            q, k, v, conv_states = conv_qkv(self, x, state, use_cache)
+            q, k, v, conv_states, cut_conv = conv_qkv(self, x, state, use_cache, cuts)
         else:
             q, k, v = F.silu(self.q_proj(x)), F.silu(self.k_proj(x)), F.silu(self.v_proj(x))
-            conv_states = None
+            conv_states = cut_conv = None
         q = q.view(batch, seq_len, self.num_heads, self.head_k_dim)
         k = k.view(batch, seq_len, self.num_heads, self.head_k_dim)
         v = v.view(batch, seq_len, self.num_v_heads, self.head_v_dim)
@@ -93,15 +93,8 @@ class GatedDeltaNet(nn.Module):
         beta = apply_padding_mask(beta, attention_mask)
         g = apply_padding_mask(self.decay(x), attention_mask)
 
-        o, recurrent_state = delta_rule(
-            q,
-            k,
-            v,
-            beta,
-            g,
-            initial_state=state.recurrent_state if state is not None else None,
-            output_final_state=use_cache,
-            use_qk_l2norm=True,
+        o, recurrent_state, cut_recurrent = mix(
+            q, k, v, beta, g, state=state, use_cache=use_cache, cuts=cuts, use_qk_l2norm=True
         )
         if cfg.use_gate:
             gate = self.g_proj(x).view(batch, seq_len, self.num_v_heads, self.head_v_dim)
@@ -110,4 +103,5 @@ class GatedDeltaNet(nn.Module):
             o = self.o_norm(o)
         o = self.o_proj(o.reshape(batch, seq_len, -1).to(hidden_states.dtype))
         new_state = LayerState(recurrent_state=recurrent_state, conv_states=conv_states) if use_cache else None
-        return o, new_state
+        cut_state = None if cuts is None else LayerState(recurrent_state=cut_recurrent, conv_states=cut_conv)
+        return o, new_state, cut_state

@@ -10,12 +10,12 @@ import torch
 
 from refine_core.algorithm.rollout import (
     derive_seed,
-    forward_segments,
     policy_pass,
     sample_rollouts,
     score_positions,
 )
 from refine_core.config import RefineConfig
+from refine_core.data.batching import left_pad
 from refine_core.training.refine_step import _ntp_sum_fn, refine_step, rollout_settings
 from tests.models.tiny import VOCAB, tiny_model
 
@@ -130,16 +130,23 @@ def test_old_logprobs_match_a_full_recompute_reference():
         assert torch.equal(ro.target_tokens[n], doc[r : r + 3])
 
 
-def test_forward_segments_equals_one_pass_and_caches_equal_prefix_states():
-    model = tiny_model("delta_net")
-    doc = make_docs(3)[0]
-    hidden, caches = forward_segments(model, doc, [40, 9, 23, 23])
-    torch.testing.assert_close(hidden, model(doc[None]).hidden_states[0], rtol=1e-10, atol=1e-10)
-    assert sorted(caches) == [9, 23, 40]
+@pytest.mark.parametrize("arch", ["delta_net", "gated_deltanet"])
+def test_cut_cache_of_one_padded_pass_equals_reading_each_prefix(arch):
+    """The branch engine's states: one left-padded pass over several documents, cuts in any order and repeated."""
+    model = tiny_model(arch)
+    docs = make_docs(3, lengths=(70, 52))
+    ids, mask = left_pad(docs, PAD)
+    cuts = torch.tensor([[40, 9, 23, 23], [30, 61, 25, 69]])  # padded coordinates; row 1 has 18 pads
+    out = model(ids, attention_mask=mask, cuts=cuts)
+    torch.testing.assert_close(out.hidden_states, model(ids, attention_mask=mask).hidden_states, rtol=1e-10, atol=1e-10)
     nxt = torch.tensor([[7]])
-    for cut, cache in caches.items():
-        direct = model(doc[None, :cut], use_cache=True).cache
-        torch.testing.assert_close(model(nxt, cache=cache).logits, model(nxt, cache=direct).logits)
+    for b in range(2):
+        for j, cut in enumerate(cuts[b].tolist()):
+            direct = model(ids[b : b + 1, :cut], attention_mask=mask[b : b + 1, :cut], use_cache=True).cache
+            branch = out.cut_cache.select([b * 4 + j])
+            torch.testing.assert_close(
+                model(nxt, cache=branch).logits, model(nxt, cache=direct).logits, rtol=1e-10, atol=1e-10
+            )
 
 
 def test_loss_is_invariant_to_the_micro_batch_size():

@@ -6,6 +6,7 @@ triton installed. :mod:`refine_core.models.ops.naive` holds the slow reference v
 
 from refine_core.models.ops.conv import short_conv
 from refine_core.models.ops.cross_entropy import cross_entropy, token_entropy
+from refine_core.models.ops.cut_states import delta_rule_with_cuts
 from refine_core.models.ops.delta_rule import chunk_delta_rule_torch, delta_rule, recurrent_delta_rule_torch
 from refine_core.models.ops.fla_backend import fla_available
 from refine_core.models.ops.norm import gated_rms_norm, l2_normalize, rms_norm
@@ -14,6 +15,7 @@ __all__ = [
     "chunk_delta_rule_torch",
     "cross_entropy",
     "delta_rule",
+    "delta_rule_with_cuts",
     "fla_available",
     "gated_rms_norm",
     "l2_normalize",

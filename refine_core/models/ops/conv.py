@@ -67,3 +67,29 @@ def short_conv(
     # contiguous: a view would keep the whole [B, D, W + T] buffer alive
     new_cache = buf[..., -W:].to(x.dtype).contiguous() if output_final_state else None
     return y.transpose(1, 2).to(x.dtype), new_cache
+
+
+def conv_cache_at(x: torch.Tensor, cache: torch.Tensor | None, cuts: torch.Tensor, width: int) -> torch.Tensor:
+    """The cache :func:`short_conv` would return after reading only ``x[b, :cuts[b, j]]``, for every row and cut.
+
+    That cache is the last ``width`` inputs before the cut, oldest first; inputs before the start of ``x`` come from
+    ``cache`` (zeros when ``None``). A gather, differentiable with respect to ``x`` (REFINE's branch rollouts
+    continue from these caches with gradients into the document pass).
+
+    Args:
+        x: ``[B, T, D]`` convolution input.
+        cache: ``[B, D, W]`` cache before ``x``, or ``None``.
+        cuts: ``[B, M]`` positions in ``[0, T]``.
+        width: the kernel width ``W``.
+
+    Returns:
+        ``[B * M, D, W]`` in ``x.dtype``, rows ordered ``(b, j)``.
+    """
+    B, T, D = x.shape
+    M = cuts.shape[1]
+    index = cuts.to(x.device, torch.long)[..., None] - width + torch.arange(width, device=x.device)  # [B, M, W]
+    from_x = x.gather(1, index.clamp(min=0).reshape(B, M * width, 1).expand(B, M * width, D))
+    past = cache.transpose(1, 2).to(x.dtype) if cache is not None else x.new_zeros(B, width, D)
+    from_past = past.gather(1, (index + width).clamp(0, width - 1).reshape(B, M * width, 1).expand(B, M * width, D))
+    window = torch.where((index >= 0).reshape(B, M * width, 1), from_x, from_past)  # [B, M * W, D]
+    return window.view(B * M, width, D).transpose(1, 2).contiguous()

@@ -40,7 +40,7 @@ _MODES = ("auto", "chunk", "recurrent")
 _RECURRENT_MAX_LEN = 64
 
 
-def _check_inputs(
+def check_delta_rule_inputs(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -101,7 +101,7 @@ def chunk_delta_rule_torch(
     with ``beta = 0, k = 0, g = 0``, which leaves the state untouched. Computes in float32 (float64 for float64
     inputs); the final state is in that dtype.
     """
-    _check_inputs(q, k, v, beta, g, initial_state)
+    check_delta_rule_inputs(q, k, v, beta, g, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     B, T, H, K = q.shape
@@ -177,7 +177,7 @@ def recurrent_delta_rule_torch(
     Arguments and returns as :func:`delta_rule`. Differentiable by autograd. Computes in float32 (float64 for
     float64 inputs); the final state is in that dtype.
     """
-    _check_inputs(q, k, v, beta, g, initial_state)
+    check_delta_rule_inputs(q, k, v, beta, g, initial_state)
     B, T, H, K = q.shape
     V = v.shape[-1]
     out_dtype = v.dtype
@@ -231,7 +231,7 @@ def delta_rule(
     """
     if mode not in _MODES:
         raise ValueError(f"mode={mode!r} is not one of {_MODES}")
-    _check_inputs(q, k, v, beta, g, initial_state)
+    check_delta_rule_inputs(q, k, v, beta, g, initial_state)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, beta, g, initial_state)

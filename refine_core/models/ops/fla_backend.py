@@ -133,6 +133,7 @@ def fla_delta_rule(
     use_qk_l2norm: bool,
     recurrent: bool,
     chunk_size: int,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run fla's (gated) delta-rule kernel; arguments as :func:`refine_core.models.ops.delta_rule`.
 
@@ -140,6 +141,10 @@ def fla_delta_rule(
     (fla's ``use_beta_sigmoid_in_kernel`` / ``use_gate_in_kernel`` stay off). They reach the kernels as fla's own
     layers pass them: ``beta`` in q's dtype, ``g`` in float32. ``chunk_size`` must be 16, 32 or 64 (fla raises
     otherwise).
+
+    ``cu_seqlens`` (int64 ``[N + 1]`` on the CPU, with ``B = 1``) packs N sequences into one row (fla's varlen
+    mode); the initial and final states are then ``[N, H, K, V]``. fla gets it on the device and, for the chunked
+    kernels, the CPU copy too, so that building its chunk index does not wait for the GPU.
 
     Returns:
         ``(o, final_state)``: ``[B, T, H, V]`` in q's dtype, and ``[B, H, K, V]`` float32 or ``None``.
@@ -150,6 +155,10 @@ def fla_delta_rule(
         "output_final_state": output_final_state,
         "use_qk_l2norm_in_kernel": use_qk_l2norm,
     }
+    if cu_seqlens is not None:
+        common["cu_seqlens"] = cu_seqlens.to(q.device, torch.long)
+        if not recurrent:
+            common["cu_seqlens_cpu"] = cu_seqlens.cpu().long()
     beta = beta.to(q.dtype)
     if g is None:
         delta_rule_ops = importlib.import_module("fla.ops.delta_rule")
