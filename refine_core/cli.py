@@ -3,6 +3,7 @@
     refine prepare-data --config configs/tiny-deltanet.yaml
     refine train-ntp --config configs/tiny-deltanet.yaml ntp.steps=20 device=cpu
     refine train-ntp --config configs/tiny-deltanet.yaml --print-config     # show the resolved config, run nothing
+    refine warmup --config configs/delta_net-1.3b-16k.yaml triton_cache_dir=/ckpt/triton   # autotune ahead of time
     python -m refine_core train-ntp ...                                      # same thing
     refine pipeline run --config configs/tiny-cpu.yaml                      # the Kubeflow pipeline, locally
 
@@ -64,6 +65,13 @@ STAGES: dict[str, Stage] = {
     ),
     "ttt": Stage("refine_core.stages.ttt", "test_time_train", "test-time training on the test prompts, then answer"),
     "evaluate": Stage("refine_core.stages.evaluate", "evaluate", "RULER QA / LongBench / RULER NIAH evaluation"),
+    # Untracked: it trains nothing worth logging and writes nothing but the Triton cache.
+    "warmup": Stage(
+        "refine_core.stages.warmup",
+        "warmup",
+        "fill the Triton cache (triton_cache_dir) for the config's shapes before a long GPU job",
+        tracked=False,
+    ),
 }
 
 
@@ -130,7 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
-    runtime.configure_triton_cache()  # before a stage imports fla
+    try:
+        runtime.configure_triton_cache(cfg.triton_cache_dir)  # before a stage's first fla kernel compiles
+    except OSError as exc:  # an unmounted or read-only volume: say which key points there
+        sys.stderr.write(
+            f"refine {args.command}: error: triton_cache_dir={cfg.triton_cache_dir!r} cannot be created ({exc}); "
+            "point it at a writable directory or set it to null\n"
+        )
+        return 2
     logger.info("refine %s: %s (output_dir=%s)", args.command, cfg.name, cfg.output_dir)
     try:
         run_stage(args.command, cfg)

@@ -42,6 +42,10 @@ class ModelConfig:
     tokenizer: str | None = "byte"
     # Where hub and s3 downloads are cached.
     cache_dir: str = "~/.cache/refine"
+    # Activation checkpointing: keep only each block's input in the forward pass and recompute the block in the
+    # backward pass (about one more forward of compute). Needed to fit 1.3B parameters on 16K-token documents on one
+    # GPU (configs/delta_net-1.3b-16k.yaml); it never changes the loss or the gradients.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.source is None and self.arch not in ("delta_net", "gated_deltanet"):
@@ -221,6 +225,9 @@ class RefineConfig(TrainingLoopConfig):
     # ``branch``: rollouts continue from the recurrent state of one pass over each document; ``faithful``: every
     # rollout re-encodes its own prefix, as the official code does (same result; see refine_core/algorithm).
     engine: str = "branch"
+    # ``branch`` only: the first mini-batch of each step samples its rollouts inside its own policy pass (its weights
+    # are still the pre-update ones, so this is exact) instead of in a separate no-grad pass over those documents.
+    fused_sampling: bool = True
     # ``faithful`` only: left-pad every rollout prefix to the full document length, as the official code does.
     pad_prefix_to_full_length: bool = False
     mask_pad_in_loss: bool = True
@@ -416,6 +423,11 @@ class RunConfig:
     # volume. The TrainJob launcher sets it, so that the KFP task can take the model of its trainer pods back
     # (refine_core.distributed.handover); ``None`` publishes nothing.
     export_uri: str | None = None
+    # Triton's cache of compiled and autotuned fla kernels (``$TRITON_CACHE_DIR``; fla caches its autotuning results
+    # there too). ``None``: ``$TRITON_CACHE_DIR`` if set, else ``<repo>/.triton_cache``. A directory on a volume that
+    # outlives the job (e.g. next to the checkpoints) spares a resumed or repeated job minutes of autotuning; fill
+    # it ahead of time with ``refine warmup``.
+    triton_cache_dir: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ntp: NTPConfig = field(default_factory=NTPConfig)
@@ -429,6 +441,18 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision={self.precision!r}; use 'auto', 'fp32' or 'bf16'.")
+        if self.triton_cache_dir is not None:
+            if not self.triton_cache_dir.strip():
+                raise ConfigError(
+                    "triton_cache_dir is empty; set a local directory (e.g. on the checkpoint volume) or null for "
+                    "the default ($TRITON_CACHE_DIR, else <repo>/.triton_cache)."
+                )
+            if "://" in self.triton_cache_dir:
+                # Triton reads and writes its cache with plain file operations, so it must be a mounted path.
+                raise ConfigError(
+                    f"triton_cache_dir={self.triton_cache_dir!r} is a URI; Triton needs a local directory: mount "
+                    "the volume and give its path (e.g. /mnt/checkpoints/triton-cache)."
+                )
 
     @property
     def prepared_dir(self) -> Path:

@@ -3,7 +3,7 @@
 Typical start of a stage::
 
     setup_logging("INFO")
-    configure_triton_cache()        # before anything imports fla / triton
+    configure_triton_cache(cfg.triton_cache_dir)   # before fla's first kernel compiles
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
     with autocast(device, cfg.precision):
@@ -213,15 +213,33 @@ def _repo_root() -> Path | None:
     return None
 
 
-def configure_triton_cache() -> Path:
-    """Default ``$TRITON_CACHE_DIR`` to ``<repo or cwd>/.triton_cache`` unless it is already set.
+def configure_triton_cache(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Point ``$TRITON_CACHE_DIR`` at the cache to use and return it.
 
-    Triton reads the variable when fla's kernels are first compiled, so call this before importing fla. Keeping the
-    cache in the work tree (it is git-ignored) avoids a shared ``~/.triton`` across jobs and users.
+    Triton keeps compiled kernels there, and fla 0.6.0 (``cache_results=True``) its autotuning results too, so a
+    cache that outlives the job spares the next run minutes of autotuning. Triton reads the variable when fla's
+    kernels are first compiled, so call this before the first kernel runs (fla is imported lazily by
+    ``refine_core.models.ops``, on the first CUDA call).
+
+    Args:
+        cache_dir: ``RunConfig.triton_cache_dir``. ``None`` (the default, the old behaviour) keeps
+            ``$TRITON_CACHE_DIR`` if set, else sets it to ``<repo or cwd>/.triton_cache`` (git-ignored; avoids a
+            shared ``~/.triton`` across jobs and users). A path wins over the environment: it is made absolute (so
+            torchrun workers and subprocesses with another working directory agree), created, and exported.
 
     Returns:
         The cache directory in effect.
     """
+    if cache_dir is not None:
+        path = Path(cache_dir).expanduser().absolute()
+        previous = os.environ.get("TRITON_CACHE_DIR")
+        if previous and Path(previous).expanduser().absolute() != path:
+            logger.info("triton_cache_dir=%s replaces TRITON_CACHE_DIR=%s", path, previous)
+        # Created now so that an unwritable or unmounted location fails here, not minutes later inside Triton.
+        path.mkdir(parents=True, exist_ok=True)
+        os.environ["TRITON_CACHE_DIR"] = str(path)
+        logger.debug("TRITON_CACHE_DIR=%s", path)
+        return path
     current = os.environ.get("TRITON_CACHE_DIR")
     if current:
         return Path(current)

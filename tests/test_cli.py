@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import types
@@ -104,3 +105,36 @@ def test_python_dash_m_print_config() -> None:
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert printed["name"] == "sub" and printed["tracking"]["backend"] == "none"
+
+
+def test_warmup_is_an_untracked_stage() -> None:
+    stage = cli.STAGES["warmup"]
+    assert (stage.module, stage.function, stage.tracked) == ("refine_core.stages.warmup", "warmup", False)
+    sub = cli.build_parser().parse_args(["warmup", "--config", "c.yaml", "data.max_tokens=256"])
+    assert sub.command == "warmup" and sub.overrides == ["data.max_tokens=256"]
+
+
+def test_triton_cache_dir_is_set_before_the_stage_runs(
+    fake_stages: dict[str, list], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "from-env"))
+    seen: list[str] = []
+    monkeypatch.setattr(sys.modules["fake_stage"], "prepare", lambda cfg: seen.append(os.environ["TRITON_CACHE_DIR"]))
+    assert cli.main(["prepare-data"]) == 0  # not configured: the environment's stays
+    assert cli.main(["prepare-data", f"triton_cache_dir={tmp_path / 'vol' / 'triton'}"]) == 0
+    assert seen == [str(tmp_path / "from-env"), str(tmp_path / "vol" / "triton")]
+    assert (tmp_path / "vol" / "triton").is_dir()
+
+
+def test_unusable_triton_cache_dir_exits_2(
+    fake_stages: dict[str, list], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "from-env"))
+    (tmp_path / "file").write_text("not a directory")
+    assert cli.main(["prepare-data", f"triton_cache_dir={tmp_path / 'file' / 'triton'}"]) == 2
+    # The last line: a root log handler from an earlier test may still point at that test's closed capture stream.
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("refine prepare-data: error: triton_cache_dir=") and "writable directory" in err
+    assert fake_stages["prepare"] == []
+    assert cli.main(["prepare-data", "triton_cache_dir=s3://bkt/triton"]) == 2
+    assert "is a URI" in capsys.readouterr().err

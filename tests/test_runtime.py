@@ -1,8 +1,10 @@
-"""Runtime helpers: RNG snapshot round trip through a weights_only checkpoint, seeding, devices, autocast, logging."""
+"""Runtime helpers: RNG snapshot round trip through a weights_only checkpoint, seeding, devices, autocast, logging,
+the Triton cache location."""
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -11,6 +13,9 @@ import pytest
 import torch
 
 from refine_core import runtime
+from refine_core.config import load_config
+from refine_core.tokenizer import ByteTokenizer
+from refine_core.training.setup import build_or_load_model
 
 
 def draws() -> tuple[list[float], list[float], list[float], float, float]:
@@ -105,3 +110,32 @@ def test_configure_triton_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert path.name == ".triton_cache"
     assert path.parent == (runtime._repo_root() or Path.cwd())
     assert runtime.configure_triton_cache() == path
+
+
+def test_configure_triton_cache_with_a_configured_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A configured directory wins over the environment, is made absolute (torchrun workers with another working
+    # directory must agree), created, and exported for Triton.
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "from-env"))
+    monkeypatch.chdir(tmp_path)
+    path = runtime.configure_triton_cache("volume/triton")
+    assert path == tmp_path / "volume" / "triton" and path.is_absolute() and path.is_dir()
+    assert os.environ["TRITON_CACHE_DIR"] == str(path)
+    assert runtime.configure_triton_cache(path) == path  # idempotent
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert runtime.configure_triton_cache("~/triton") == tmp_path / "home" / "triton"
+    # None keeps the old behaviour: whatever the environment says now.
+    assert runtime.configure_triton_cache(None) == tmp_path / "home" / "triton"
+
+
+def test_build_or_load_model_puts_the_configured_triton_cache_in_effect(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # KFP components call the stages without the CLI: building the model is the last moment before fla compiles.
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "from-env"))
+    tiny = "model.config={hidden_size: 16, num_hidden_layers: 1, num_heads: 2}"
+    build_or_load_model(load_config(None, [tiny]), ByteTokenizer(), torch.device("cpu"))
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "from-env")  # not configured: left alone
+    cfg = load_config(None, [tiny, f"triton_cache_dir={tmp_path / 'ckpt' / 'triton'}"])
+    build_or_load_model(cfg, ByteTokenizer(), torch.device("cpu"))
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "ckpt" / "triton")
+    assert (tmp_path / "ckpt" / "triton").is_dir()

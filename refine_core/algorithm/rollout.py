@@ -94,6 +94,13 @@ class Rollouts:
     def subset(self, mask: torch.Tensor) -> Rollouts:
         return Rollouts(**{name: getattr(self, name)[mask] for name in self.__dataclass_fields__})
 
+    @staticmethod
+    def cat(parts: Sequence[Rollouts]) -> Rollouts:
+        """The rollouts of several parts in the usual order (document-major; within a document as they came)."""
+        joined = {name: torch.cat([getattr(p, name) for p in parts]) for name in Rollouts.__dataclass_fields__}
+        order = torch.argsort(joined["doc_index"], stable=True)
+        return Rollouts(**{name: value[order] for name, value in joined.items()})
+
 
 def _entropies_and_hidden(
     model: FastWeightForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_tokens: int = 2048
@@ -196,10 +203,14 @@ def branch_states(
     return out.hidden_states, ids, mask, out.cut_cache, first
 
 
-def _rollout_index(batch: PositionBatch, group_size: int, grouping: str) -> dict[str, torch.Tensor]:
-    num_docs, m = batch.rollout_start.shape
-    doc = torch.arange(num_docs).repeat_interleave(m * group_size)
-    pos = torch.arange(m).repeat_interleave(group_size).repeat(num_docs)
+def _rollout_index(
+    batch: PositionBatch, group_size: int, grouping: str, rows: Sequence[int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Who each rollout of documents ``rows`` (default all) is: document, position, targets and GRPO group."""
+    m = batch.rollout_start.shape[1]
+    rows = list(range(len(batch.docs))) if rows is None else list(rows)
+    doc = torch.tensor(rows, dtype=torch.long).repeat_interleave(m * group_size)
+    pos = torch.arange(m).repeat_interleave(group_size).repeat(len(rows))
     groups = doc if grouping == "document" else doc * m + pos
     return {
         "doc_index": doc,
@@ -269,9 +280,14 @@ def sample_rollouts(
     step: int,
     eos_id: int | None,
     pad_id: int,
+    rows: Sequence[int] | None = None,
 ) -> Rollouts:
-    """Steps 2-3: sample G continuations per position and score them under the current (pre-update) model."""
-    idx = _rollout_index(batch, settings.rollouts_per_position, settings.grouping)
+    """Steps 2-3: sample G continuations per position and score them under the current (pre-update) model.
+
+    ``rows`` restricts this to some of the documents (default all; at least one).
+    """
+    rows = list(range(len(batch.docs))) if rows is None else list(rows)
+    idx = _rollout_index(batch, settings.rollouts_per_position, settings.grouping, rows)
     uniforms = _uniforms(batch, idx, settings, seed, step)
     sampling = settings.sampling()
     k, g, device = settings.rollout_tokens, settings.rollouts_per_position, model.device
@@ -294,9 +310,8 @@ def sample_rollouts(
     elif engine == "branch":
         # The states at all cuts of all documents, one pass per micro-batch; then all rollouts decode together.
         caches, firsts = [], []
-        for lo in range(0, len(batch.docs), settings.micro_batch_size):
-            rows = range(lo, min(lo + settings.micro_batch_size, len(batch.docs)))
-            _, _, _, cut_cache, first = branch_states(model, batch, rows, pad_id)
+        for lo in range(0, len(rows), settings.micro_batch_size):
+            _, _, _, cut_cache, first = branch_states(model, batch, rows[lo : lo + settings.micro_batch_size], pad_id)
             caches.append(cut_cache)
             firsts.append(first)
         state = FastWeightCache.cat(caches).repeat_interleave(g)  # rows (doc, j, g)
@@ -365,3 +380,59 @@ def policy_pass(
         rest = model(y[:, : k - 1], cache=state).logits if k > 1 else first.new_zeros(first.shape[0], 0, first.shape[1])
         return ntp_sum, _token_logp(torch.cat([first[:, None], rest], 1), y, settings.temperature)
     raise ValueError(f"unknown rollout engine {engine!r}; use 'branch' or 'faithful'")
+
+
+def sampling_policy_pass(
+    model: FastWeightForCausalLM,
+    batch: PositionBatch,
+    doc_rows: Sequence[int],
+    settings: RolloutSettings,
+    *,
+    seed: int,
+    step: int,
+    eos_id: int | None,
+    pad_id: int,
+    ntp_labels_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 2, 3 and the step-6 forward of the ``branch`` engine in one pass, for weights not yet updated this step.
+
+    While the weights are those of the entropy pass (the first mini-batch of a step), sampling the rollouts from the
+    cut states of the policy pass itself is exact: the tokens are those :func:`sample_rollouts` would draw (same
+    per-rollout uniforms), their old log-probs are the current ones (the ratio is 1, as in the official code's first
+    mini-batch, spec §2 step 6.4) and their hidden states are the pre-update ones. It saves the separate no-grad pass
+    over these documents.
+
+    Returns:
+        ``(ntp_sum, logp, tokens, rollout_hidden)``: as :func:`policy_pass`, plus the sampled ``[n, k]`` tokens and
+        their detached float32 hidden states ``[n, k, D]``, rows ordered (document, j, g).
+    """
+    idx = _rollout_index(batch, settings.rollouts_per_position, settings.grouping, doc_rows)
+    uniforms = _uniforms(batch, idx, settings, seed, step)
+    g = settings.rollouts_per_position
+    doc_hidden, ids, mask, cut_cache, first = branch_states(model, batch, doc_rows, pad_id)
+    ntp_sum = ntp_labels_fn(doc_hidden, ids, mask)
+    state = cut_cache.repeat_interleave(g)
+    first = first.repeat_interleave(g, dim=0)
+    with torch.no_grad():
+        y = generate(
+            model,
+            first.new_empty((first.shape[0], 0), dtype=torch.long),
+            sampling=settings.sampling(),
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            cache=state.detach(),
+            next_logits=first.detach(),
+            uniforms=uniforms.to(model.device),
+        ).tokens
+    out = model(y, cache=state)
+    logp = _token_logp(torch.cat([first[:, None], out.logits[:, :-1]], 1), y, settings.temperature)
+    return ntp_sum, logp, y, _fp32_or_wider(out.hidden_states.detach())
+
+
+def rollouts_from_pass(
+    batch: PositionBatch, doc_rows: Sequence[int], settings: RolloutSettings, logp: torch.Tensor, tokens: torch.Tensor,
+    rollout_hidden: torch.Tensor,
+) -> Rollouts:
+    """The :class:`Rollouts` that :func:`sampling_policy_pass` sampled (old log-probs = its detached log-probs)."""
+    idx = _rollout_index(batch, settings.rollouts_per_position, settings.grouping, doc_rows)
+    return Rollouts(tokens=tokens.cpu(), old_logp=logp.detach().cpu(), rollout_hidden=rollout_hidden.cpu(), **idx)

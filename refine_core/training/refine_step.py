@@ -11,6 +11,12 @@ In the algorithm's order:
 6. for each mini-batch of documents with its rollouts: c_ntp · NTP + c_nsp · PPO-clip (+ optional KL), summed
    over micro-batches with global token counts, then one clipped AdamW step (skipped if the norm is not finite).
 
+With the ``branch`` engine (and ``fused_sampling``, the default), steps 2-3 of the first mini-batch's documents run
+inside that mini-batch's own policy pass: its weights are still the pre-update ones, so the rollouts, their old
+log-probabilities (ratio exactly 1) and hidden states are the same as from a separate no-grad pass, which this saves.
+The other mini-batches' rollouts are sampled before the first update, as the algorithm requires. ``time/rollout_s``
+then covers only those; the fused sampling is counted in ``time/update_s``.
+
 ``nsp_update=False`` runs only the NTP half on the same documents (the NTP-only baseline), with one optimizer
 step per mini-batch (``matched``) or per batch (``official``, spec §10.7).
 
@@ -44,7 +50,9 @@ from refine_core.algorithm.rollout import (
     Rollouts,
     RolloutSettings,
     policy_pass,
+    rollouts_from_pass,
     sample_rollouts,
+    sampling_policy_pass,
     score_positions,
 )
 from refine_core.config import RefineConfig
@@ -199,51 +207,67 @@ def refine_step(
             pad_id=pad_id,
             micro_batch_size=cfg.micro_batch_size,
         )
+    mini = cfg.mini_batch_size // sync.world_size  # this rank's documents per optimizer step
+    # The branch engine samples the first mini-batch's rollouts inside its policy pass (exact: no update yet).
+    fused = cfg.engine == "branch" and cfg.fused_sampling and cfg.kl_coef == 0
+    fused_rows = set(range(min(mini, len(docs)))) if fused else set()
+    rest_rows = [b for b in range(len(docs)) if b not in fused_rows]
     # 2-3. Rollouts with their old log-probs and hidden states (pre-update model, no grad).
-    with timer("time/rollout_s"), autocast():
-        rollouts: Rollouts = sample_rollouts(
-            cfg.engine, model, positions, settings, seed=seed, step=step, eos_id=eos_id, pad_id=pad_id
-        )
-    # 4-5. Rewards in float32 and GRPO advantages.
-    rewards = compute_rewards(
-        cfg.reward, rollouts.rollout_hidden, rollouts.target_hidden, rollouts.tokens, rollouts.target_tokens
-    )
-    advantages = group_advantages(rewards.reward, rollouts.group_ids)
+    rest = None
+    if rest_rows:
+        with timer("time/rollout_s"), autocast():
+            rest = sample_rollouts(
+                cfg.engine, model, positions, settings, seed=seed, step=step, eos_id=eos_id, pad_id=pad_id,
+                rows=rest_rows,
+            )
+    # 4-5. Rewards in float32 and GRPO advantages (groups never span documents: per part is the same as over all).
+    rest_advantages = None if rest is None else _advantages(cfg, rest)
     ref_logp = None
     if cfg.kl_coef > 0:
         if reference_model is None:
             raise ValueError("refine.kl_coef > 0 needs a reference model")
         with timer("time/reference_s"), torch.no_grad(), autocast():
-            ref_logp = _all_logps(cfg, reference_model, positions, rollouts, settings, pad_id)
+            ref_logp = _all_logps(cfg, reference_model, positions, rest, settings, pad_id)
 
     # 6. Mini-batches of documents with exactly their rollouts; one optimizer step each.
     sums: dict[str, float] = defaultdict(float)
     stats: list[dict[str, float]] = []
     norms, skipped, n_mini = [], 0, 0
+    parts: list[Rollouts] = [] if rest is None else [rest]
     ntp_fn = _ntp_sum_fn(cfg.mask_pad_in_loss, model.lm_head.weight)
-    mini = cfg.mini_batch_size // sync.world_size  # this rank's documents per optimizer step
+    m_g = cfg.num_chunks * cfg.rollouts_per_position
     with timer("time/update_s"):
         for lo in range(0, len(docs), mini):
             rows = list(range(lo, min(lo + mini, len(docs))))
             # Global token counts of the mini-batch (summed over ranks).
             ntp_total = sync.total_count(_ntp_count([positions.docs[b] for b in rows], pad_id, cfg.mask_pad_in_loss))
-            in_mini = torch.isin(rollouts.doc_index, torch.tensor(rows))
-            rollout_total = sync.total_count(int(in_mini.sum()) * k)
+            rollout_total = sync.total_count(len(rows) * m_g * k)
             starts = range(0, len(rows), cfg.micro_batch_size)
             for mlo in starts:
                 micro = rows[mlo : mlo + cfg.micro_batch_size]
-                sel = torch.isin(rollouts.doc_index, torch.tensor(micro))
-                part = rollouts.subset(sel)
                 with sync.accumulate(last=mlo == starts[-1]):
-                    with autocast():
-                        ntp_sum, logp = sync.forward(
-                            policy_pass, cfg.engine, model, positions, micro, part, settings, pad_id=pad_id,
-                            ntp_labels_fn=ntp_fn,
-                        )
+                    if micro[0] in fused_rows:
+                        with autocast():
+                            ntp_sum, logp, tokens, hidden = sync.forward(
+                                sampling_policy_pass, model, positions, micro, settings, seed=seed, step=step,
+                                eos_id=eos_id, pad_id=pad_id, ntp_labels_fn=ntp_fn,
+                            )
+                        part = rollouts_from_pass(positions, micro, settings, logp, tokens, hidden)
+                        parts.append(part)
+                        part_advantages = _advantages(cfg, part)
+                        sel = None
+                    else:
+                        sel = torch.isin(rest.doc_index, torch.tensor(micro))
+                        part, part_advantages = rest.subset(sel), rest_advantages[sel]
+                        with autocast():
+                            ntp_sum, logp = sync.forward(
+                                policy_pass, cfg.engine, model, positions, micro, part, settings, pad_id=pad_id,
+                                ntp_labels_fn=ntp_fn,
+                            )
                     terms = ppo_clip_token_losses(
                         logp,
                         part.old_logp.to(device),
-                        advantages[sel].to(device),
+                        part_advantages.to(device),
                         clip_eps=cfg.clip_eps,
                         dual_clip=cfg.dual_clip,
                         log_ratio_clamp=cfg.log_ratio_clamp,
@@ -265,6 +289,9 @@ def refine_step(
             skipped += not took
             n_mini += 1
 
+    rollouts = Rollouts.cat(parts)
+    rewards = _rewards(cfg, rollouts)
+    advantages = group_advantages(rewards.reward, rollouts.group_ids)
     weight = torch.tensor([s["tokens"] for s in stats])
     # Each rank holds its part of the global token means: add them up (the identity in one process).
     sums = dict(zip(sums, sync.total(*sums.values()), strict=True))
@@ -289,6 +316,16 @@ def refine_step(
         }
     )
     return metrics
+
+
+def _rewards(cfg: RefineConfig, rollouts: Rollouts) -> RewardBreakdown:
+    return compute_rewards(
+        cfg.reward, rollouts.rollout_hidden, rollouts.target_hidden, rollouts.tokens, rollouts.target_tokens
+    )
+
+
+def _advantages(cfg: RefineConfig, rollouts: Rollouts) -> torch.Tensor:
+    return group_advantages(_rewards(cfg, rollouts).reward, rollouts.group_ids)
 
 
 def _all_logps(

@@ -12,6 +12,7 @@ import torch
 from refine_core import storage
 from refine_core.config import ConfigError, RunConfig
 from refine_core.models import FastWeightForCausalLM, build_model, config_from_dict, load_pretrained
+from refine_core.runtime import configure_triton_cache
 from refine_core.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -48,8 +49,17 @@ def prepared_tokenizer(cfg: RunConfig) -> Tokenizer:
     return load_tokenizer(str(path), cfg.model.cache_dir)
 
 
-def build_or_load_model(cfg: RunConfig, tokenizer: Tokenizer, device: torch.device) -> FastWeightForCausalLM:
-    """Load ``cfg.model.source`` or build a fresh ``cfg.model.arch``; float32 master weights on ``device``."""
+def build_or_load_model(cfg: RunConfig, tokenizer: Tokenizer | None, device: torch.device) -> FastWeightForCausalLM:
+    """Load ``cfg.model.source`` or build a fresh ``cfg.model.arch``; float32 master weights on ``device``, with
+    ``cfg.model.gradient_checkpointing`` applied.
+
+    ``tokenizer`` sizes a fresh model's vocabulary and special ids and is checked against a loaded one; ``None``
+    (``refine warmup``, which needs only the shapes) takes them from ``model.config`` / the config class defaults.
+    A set ``cfg.triton_cache_dir`` is put into effect first, for the KFP components and other callers that run a
+    stage without the ``refine`` command line: fla's kernels compile on the model's first CUDA call.
+    """
+    if cfg.triton_cache_dir is not None:
+        configure_triton_cache(cfg.triton_cache_dir)
     if cfg.model.source is not None:
         model = load_pretrained(
             cfg.model.source,
@@ -59,14 +69,13 @@ def build_or_load_model(cfg: RunConfig, tokenizer: Tokenizer, device: torch.devi
             config_overrides=cfg.model.config or None,
         )
     else:
-        fields = {
-            "model_type": cfg.model.arch,
+        from_tokenizer = {} if tokenizer is None else {
             "vocab_size": tokenizer.vocab_size,
             "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
-            **cfg.model.config,
         }
+        fields = {"model_type": cfg.model.arch, **from_tokenizer, **cfg.model.config}
         try:
             config = config_from_dict(fields)
         except TypeError as exc:
@@ -77,10 +86,18 @@ def build_or_load_model(cfg: RunConfig, tokenizer: Tokenizer, device: torch.devi
                 "spelling against fla's config names (hidden_size, num_hidden_layers, num_heads, ...)"
             )
         model = build_model(config).to(device)
-    if tokenizer.vocab_size > model.config.vocab_size:
+    # Read by FastWeightForCausalLM.forward in training mode (a loaded checkpoint never carries it).
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
             f"{model.config.vocab_size}; use the checkpoint's own tokenizer or raise model.config.vocab_size"
         )
-    logger.info("model %s: %.2fM parameters on %s", model.config.model_type, model.num_parameters() / 1e6, device)
+    logger.info(
+        "model %s: %.2fM parameters on %s%s",
+        model.config.model_type,
+        model.num_parameters() / 1e6,
+        device,
+        ", gradient checkpointing" if model.gradient_checkpointing else "",
+    )
     return model

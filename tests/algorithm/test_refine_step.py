@@ -93,6 +93,24 @@ def test_branch_and_faithful_engines_give_the_same_step(arch):
         torch.testing.assert_close(g_branch[name], g_faith[name], rtol=1e-8, atol=1e-11, msg=name)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"mini_batch_size": 2, "micro_batch_size": 1}, {"rollouts_per_position": 2, "grouping": "position",
+                                                         "mini_batch_size": 2}],
+    ids=["one-minibatch", "two-minibatches", "G2-per-position"],
+)
+def test_fused_sampling_equals_a_separate_sampling_pass(overrides):
+    """Sampling the first mini-batch's rollouts inside its policy pass changes nothing but the cost."""
+    docs = make_docs(2)
+    g_fused, m_fused = sgd_step("delta_net", small_cfg(**overrides), docs)
+    g_sep, m_sep = sgd_step("delta_net", small_cfg(fused_sampling=False, **overrides), docs)
+    for key in ("refine/reward_mean", "refine/reward_std", "refine/ntp_loss", "refine/nsp_loss", "refine/ratio_mean",
+                "refine/ratio_max", "refine/clip_frac", "refine/advantage_abs_mean", "refine/frac_zero_std_groups"):
+        assert m_fused[key] == pytest.approx(m_sep[key], rel=1e-9, abs=1e-12), key
+    for name in g_fused:
+        torch.testing.assert_close(g_fused[name], g_sep[name], rtol=1e-8, atol=1e-11, msg=name)
+
+
 def test_engines_sample_the_same_rollouts_and_scores_with_groups_per_position():
     model = tiny_model("delta_net")
     docs = make_docs(1)

@@ -1,0 +1,493 @@
+"""The GPU measurement of issue 10 in one command that fits short device slots and resumes where the last one stopped.
+
+    python bench/bench_gpu.py run --state .bench_state --out "$OUT" --budget-s 540       # on the GPU machine
+    python bench/bench_gpu.py summarize --state .bench_state                              # here: latest.json + table
+
+``run`` executes the named parts (default: all, in the order of ``PARTS``) one per fresh subprocess, appends what each
+measures to ``<state>/results.jsonl`` and copies that file and the logs to ``--out`` after every part. A part already
+in ``results.jsonl`` is skipped, and a part whose estimated time no longer fits the budget waits for the next slot;
+carry the state folder to the next call to go on. Triton's cache lives in ``<state>/triton`` (fla asks Triton to keep
+its autotune results there too), so a later slot starts warm; ``--pack-cache`` writes it as ``triton-cache.tar.xz``
+(in parts of at most 15 MiB) to ``--out``, ``--unpack-cache`` restores it from such parts.
+
+The parts (all bf16 autocast with fp32 master weights, random-token documents, one card):
+
+* ``env``: card, versions, the card's measured copy bandwidth and bf16 matrix rate (the ceilings).
+* ``cold-*`` / ``warm-*``: the first NTP and REFINE steps of a fresh process, with an empty and with the filled cache.
+* ``tests``: the GPU tests of the branch engine and of CUDA-graph decoding (``pytest -m gpu``).
+* ``steps-<model>-<len>``: the NTP step against REFINE with the ``branch`` and ``faithful`` engines on the same batch
+  (M = 8, k = 5, G = 1): median step time, phase split, tokens/s, MFU, peak memory, and how many Triton kernels were
+  compiled after the first step (new cut positions every step must compile nothing).
+* ``decode-<model>``: rollout/evaluation decoding tokens/s at batch 8, 64 and 256 against Hugging Face ``generate`` on
+  fla's own ``DeltaNetForCausalLM`` with the same weights, and as a fraction of the bandwidth floor.
+* ``profile-<model>-<len>``: the top CUDA kernels of one NTP and one branch REFINE step.
+
+MFU counts model FLOPs per trained token: 6·N (N = parameters without the input embedding, whose lookup has no
+matrix product) plus the chunked delta rule, 3 × (4CK + 2C(K+V) + 2CV + 6KV) per token, head and layer (forward
+once, backward twice; C = 64). Activation checkpointing recomputes the forward but is not counted (model FLOPs, not
+hardware FLOPs). Peak = the card's dense bf16 datasheet figure, and the matrix rate measured in ``env``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MODELS = {
+    "340m": {"hidden_size": 1024, "num_hidden_layers": 24, "num_heads": 8, "vocab_size": 32000},
+    "1p3b": {"hidden_size": 2048, "num_hidden_layers": 24, "num_heads": 16, "vocab_size": 32000},
+}
+# Documents per step / per optimizer step / per micro-batch, and activation checkpointing, per (model, length).
+SHAPES = {
+    ("340m", 4096): {"batch": 8, "mini": 8, "micro": 4, "checkpointing": False},
+    ("340m", 16384): {"batch": 2, "mini": 2, "micro": 1, "checkpointing": True},
+    ("1p3b", 4096): {"batch": 4, "mini": 4, "micro": 2, "checkpointing": True},
+    ("1p3b", 16384): {"batch": 2, "mini": 2, "micro": 1, "checkpointing": True},
+}
+DENSE_BF16_TFLOPS = {"H200": 989.5, "H100": 989.5}  # SXM datasheets, dense (no sparsity)
+
+# name -> (estimated seconds on a warm cache, argv of the part)
+PARTS: dict[str, tuple[int, list[str]]] = {
+    "env": (30, ["env"]),
+    "cold-340m-4k": (300, ["first-steps", "340m", "4096", "cold"]),
+    "warm-340m-4k": (60, ["first-steps", "340m", "4096", "warm"]),
+    "tests": (150, ["tests"]),
+    "steps-340m-4k": (120, ["steps", "340m", "4096", "ntp,branch,faithful"]),
+    "decode-340m": (120, ["decode", "340m"]),
+    "steps-1p3b-16k": (300, ["steps", "1p3b", "16384", "ntp,branch,faithful"]),
+    "profile-340m-4k": (60, ["profile", "340m", "4096"]),
+    "profile-1p3b-16k": (90, ["profile", "1p3b", "16384"]),
+    "decode-1p3b": (150, ["decode", "1p3b"]),
+    "steps-340m-16k": (150, ["steps", "340m", "16384", "ntp,branch"]),
+    "steps-1p3b-4k": (150, ["steps", "1p3b", "4096", "ntp,branch"]),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+def _emit(record: dict) -> None:
+    print("RESULT " + json.dumps(record), flush=True)
+
+
+def _sync() -> None:
+    import torch
+
+    torch.cuda.synchronize()
+
+
+def _triton_entries() -> int:
+    """Compiled kernels in the Triton cache (one folder each): what a step compiled shows up here."""
+    path = Path(os.environ.get("TRITON_CACHE_DIR", ""))
+    return sum(1 for p in path.iterdir() if p.is_dir()) if path.is_dir() else 0
+
+
+def _build(model_name: str, checkpointing: bool):
+    import torch
+
+    from refine_core.models import build_model, config_from_dict
+
+    torch.manual_seed(0)
+    fields = {"model_type": "delta_net", "eos_token_id": 2, "pad_token_id": 2, **MODELS[model_name]}
+    model = build_model(config_from_dict(fields)).cuda().train()
+    model.gradient_checkpointing = checkpointing
+    return model
+
+
+def _docs(n: int, length: int, vocab: int, seed: int = 0):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (length,), generator=gen) for _ in range(n)]
+
+
+def _refine_cfg(shape: dict, engine: str, nsp: bool):
+    from refine_core.config import RefineConfig
+
+    return RefineConfig(
+        batch_size=shape["batch"], mini_batch_size=shape["mini"], micro_batch_size=shape["micro"], num_chunks=8,
+        rollout_tokens=5, rollouts_per_position=1, engine=engine, nsp_update=nsp, lr=1e-6, steps=1,
+    )
+
+
+def _step(model, optimizer, docs, cfg, step: int) -> dict:
+    import torch
+
+    from refine_core.training.refine_step import refine_step
+
+    return refine_step(
+        model, optimizer, docs, list(range(len(docs))), cfg, seed=0, step=step, pad_id=2, eos_id=2,
+        autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16),
+    )
+
+
+def model_flops_per_token(model, chunk: int = 64) -> float:
+    """6·N plus the chunked delta rule (see the module docstring) per trained token."""
+    cfg = model.config
+    n = model.num_parameters() - model.model.embeddings.weight.numel()
+    heads, k, v = cfg.num_heads, cfg.key_dim // cfg.num_heads, cfg.value_dim // cfg.num_heads
+    delta = 3 * (4 * chunk * k + 2 * chunk * (k + v) + 2 * chunk * v + 6 * k * v) * heads * cfg.num_hidden_layers
+    return 6 * n + delta
+
+
+# ------------------------------------------------------------------------------------------------------------ parts
+def part_env() -> None:
+    import torch
+
+    import refine_core.models.ops.fla_backend as fb
+
+    def version(name: str) -> str | None:
+        try:
+            from importlib.metadata import version as v
+
+            return v(name)
+        except Exception:
+            return None
+
+    torch.manual_seed(0)
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        y.copy_(x)
+        end.record()
+        _sync()
+        times.append(start.elapsed_time(end) / 1e3)
+    copy_gbs = 2 * x.numel() / statistics.median(times[2:]) / 1e9
+    del x, y
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    _sync()
+    matmul_tflops = 20 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
+    name = torch.cuda.get_device_name()
+    _emit({
+        "part": "env", "card": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+        "triton": version("triton"), "fla": version("fla-core"), "transformers": version("transformers"),
+        "fla_available": fb.fla_available(), "copy_gbs": round(copy_gbs, 1), "matmul_tflops": round(matmul_tflops, 1),
+        "dense_bf16_tflops_datasheet": next((v for k, v in DENSE_BF16_TFLOPS.items() if k in name), None),
+        "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+        "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+    })
+
+
+def part_first_steps(model_name: str, length: int, which: str) -> None:
+    """A fresh process's first NTP step and first REFINE step (each includes any compile/autotune), then steady."""
+    import torch
+
+    t_start = time.perf_counter()
+    shape = SHAPES[(model_name, length)]
+    model = _build(model_name, shape["checkpointing"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    docs = _docs(shape["mini"], length, model.config.vocab_size)
+    built = time.perf_counter() - t_start
+    entries = _triton_entries()
+    record = {"part": f"{which}-{model_name}-{length // 1024}k", "cache_entries_before": entries, "build_s": built}
+    for case, cfg in (("ntp", _refine_cfg({**shape, "batch": shape["mini"]}, "branch", False)),
+                      ("refine", _refine_cfg({**shape, "batch": shape["mini"]}, "branch", True))):
+        times = []
+        for step in range(3):
+            _sync()
+            t0 = time.perf_counter()
+            _step(model, optimizer, docs, cfg, step)
+            _sync()
+            times.append(time.perf_counter() - t0)
+        record[f"first_{case}_step_s"] = round(times[0], 3)
+        record[f"steady_{case}_step_s"] = round(statistics.median(times[1:]), 3)
+    record["cache_entries_after"] = _triton_entries()
+    record["process_s"] = round(time.perf_counter() - t_start, 1)
+    _emit(record)
+
+
+def part_steps(model_name: str, length: int, cases: str) -> None:
+    import torch
+
+    shape = SHAPES[(model_name, length)]
+    model = _build(model_name, shape["checkpointing"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    docs = _docs(shape["batch"], length, model.config.vocab_size)
+    flops = model_flops_per_token(model)
+    tokens = shape["batch"] * length
+    repeats = 3 if length <= 4096 else 2
+    base = {"model": model_name, "params": model.num_parameters(), "seq": length, **shape, "M": 8, "k": 5, "G": 1}
+    ntp_time = None
+    for case in cases.split(","):
+        cfg = _refine_cfg(shape, "branch" if case == "ntp" else case, case != "ntp")
+        if case == "faithful" and length > 4096:
+            repeats = 1
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        times, phases = [], []
+        try:
+            _step(model, optimizer, docs, cfg, 0)  # warm-up (and first-shape compiles)
+            _sync()
+            entries = _triton_entries()
+            for rep in range(1, repeats + 1):
+                _sync()
+                t0 = time.perf_counter()
+                metrics = _step(model, optimizer, docs, cfg, rep)  # new positions every step
+                _sync()
+                times.append(time.perf_counter() - t0)
+                phases.append({k: v for k, v in metrics.items() if k.startswith("time/")})
+        except torch.OutOfMemoryError as exc:
+            _emit({"part": f"steps-{model_name}-{length // 1024}k", "case": case, **base, "error": f"OOM: {exc}"[:300]})
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        step_s = statistics.median(times)
+        ntp_time = step_s if case == "ntp" else ntp_time
+        record = {
+            "part": f"steps-{model_name}-{length // 1024}k", "case": case, **base,
+            "step_s": round(step_s, 4), "step_s_min": round(min(times), 4),
+            "ratio_to_ntp": None if ntp_time is None else round(step_s / ntp_time, 3),
+            "tokens_per_s": round(tokens / step_s),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "triton_compiles_after_first_step": _triton_entries() - entries,
+            **{k: round(statistics.median(p[k] for p in phases), 4) for k in phases[0]},
+        }
+        if case == "ntp":
+            record["model_flops_per_token"] = flops
+            record["achieved_tflops"] = round(flops * tokens / step_s / 1e12, 1)
+        if "time/entropy_s" in record:
+            record["entropy_pass_tokens_per_s"] = round(tokens / record["time/entropy_s"])
+        _emit(record)
+
+
+def part_decode(model_name: str) -> None:
+    import torch
+    from bench.bench_decode import measure_decode
+
+    model = _build(model_name, False).to(torch.bfloat16).eval()
+    for row in measure_decode(model, batches=(8, 64, 256), prompt_tokens=128, new_tokens=64, repeats=2):
+        _emit({"part": f"decode-{model_name}", "model": model_name, **row})
+
+
+def part_profile(model_name: str, length: int) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    shape = SHAPES[(model_name, length)]
+    model = _build(model_name, shape["checkpointing"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    docs = _docs(shape["mini"], length, model.config.vocab_size)
+    for case in ("ntp", "branch"):
+        cfg = _refine_cfg({**shape, "batch": shape["mini"]}, "branch", case != "ntp")
+        _step(model, optimizer, docs, cfg, 0)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _step(model, optimizer, docs, cfg, 1)
+            _sync()
+        events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+        total = sum(e.device_time_total for e in events)
+        top = [
+            {"kernel": e.key[:90], "ms": round(e.device_time_total / 1e3, 2),
+             "share": round(e.device_time_total / total, 3), "calls": e.count}
+            for e in events[:15]
+        ]
+        _emit({"part": f"profile-{model_name}-{length // 1024}k", "case": case, "gpu_ms_total": round(total / 1e3, 1),
+               "kernel_launches": sum(e.count for e in events), "top": top})
+
+
+def part_tests(log: Path) -> None:
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-s", "-q", "-p", "no:cacheprovider",
+           "tests/gpu/test_branch_engine.py", "tests/gpu/test_decode_graph.py"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    log.write_text(proc.stdout + proc.stderr)
+    lines = [ln for ln in proc.stdout.splitlines() if "rel err" in ln or "passed" in ln or "failed" in ln]
+    _emit({"part": "tests", "returncode": proc.returncode, "summary": lines[-12:]})
+
+
+# ----------------------------------------------------------------------------------------------------- orchestration
+def _done(state: Path) -> set[str]:
+    path = state / "results.jsonl"
+    if not path.exists():
+        return set()
+    return {json.loads(line)["part"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def _copy_out(state: Path, out: Path | None) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("results.jsonl", "run.log"):
+        if (state / name).exists():
+            (out / name).write_bytes((state / name).read_bytes())
+
+
+def pack_cache(state: Path, out: Path, part_mib: int = 15) -> None:
+    """``<state>/triton`` as ``triton-cache.tar.xz.partNN`` files of at most ``part_mib`` MiB in ``out``."""
+    blob = state / "triton-cache.tar.xz"
+    with tarfile.open(blob, "w:xz", preset=1) as tar:
+        tar.add(state / "triton", arcname="triton")
+    data = blob.read_bytes()
+    size = part_mib * 2**20
+    for i in range(0, len(data), size):
+        (out / f"triton-cache.tar.xz.part{i // size:02d}").write_bytes(data[i : i + size])
+    print(f"packed the Triton cache: {len(data) / 2**20:.1f} MiB in {(len(data) + size - 1) // size} part(s)")
+
+
+def unpack_cache(state: Path, source: Path) -> None:
+    parts = sorted(source.glob("triton-cache.tar.xz.part*"))
+    if not parts:
+        return
+    blob = state / "triton-cache.tar.xz"
+    blob.write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(blob, "r:xz") as tar:
+        tar.extractall(state, filter="data")
+    print(f"unpacked the Triton cache from {len(parts)} part(s): {_count(state / 'triton')} kernels")
+
+
+def _count(path: Path) -> int:
+    return sum(1 for p in path.iterdir() if p.is_dir()) if path.is_dir() else 0
+
+
+def run(args: argparse.Namespace) -> None:
+    state = Path(args.state).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out).resolve() if args.out else None
+    if args.unpack_cache:
+        unpack_cache(state, Path(args.unpack_cache))
+    env = {**os.environ, "TRITON_CACHE_DIR": str(state / "triton"), "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    start = time.perf_counter()
+    names = args.parts or list(PARTS)
+    with open(state / "run.log", "a") as log:
+        for name in names:
+            done = _done(state)
+            if name in done:
+                print(f"[skip] {name}: in results.jsonl", flush=True)
+                continue
+            estimate, argv = PARTS[name]
+            left = args.budget_s - (time.perf_counter() - start)
+            if estimate > left and not args.force:
+                print(f"[wait] {name}: needs ~{estimate}s, {left:.0f}s left in this slot", flush=True)
+                continue
+            print(f"[run ] {name} ({left:.0f}s left)", flush=True)
+            t0 = time.perf_counter()
+            cmd = [sys.executable, str(Path(__file__).resolve()), "part", *argv, "--state", str(state)]
+            try:
+                proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(left, 30))
+                output, code = proc.stdout + proc.stderr, proc.returncode
+            except subprocess.TimeoutExpired as exc:
+                output = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+                code = "timeout"
+            log.write(f"===== {name} ({time.perf_counter() - t0:.0f}s, exit {code})\n{output}\n")
+            log.flush()
+            results = [line[len("RESULT ") :] for line in output.splitlines() if line.startswith("RESULT ")]
+            with open(state / "results.jsonl", "a") as f:
+                for line in results:
+                    f.write(line + "\n")
+            print(f"[done] {name}: exit {code}, {len(results)} result(s), {time.perf_counter() - t0:.0f}s", flush=True)
+            if code != 0:
+                print("\n".join(output.splitlines()[-25:]), flush=True)
+            _copy_out(state, out)
+    if out is not None and args.pack_cache:
+        pack_cache(state, out)
+    _copy_out(state, out)
+    summarize(argparse.Namespace(state=str(state), latest=None))
+
+
+def _records(state: Path) -> list[dict]:
+    path = state / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def summarize(args: argparse.Namespace) -> dict:
+    """The issue's headline figures from ``results.jsonl``; written to ``--latest`` when given."""
+    records = _records(Path(args.state))
+    env = next((r for r in records if r["part"] == "env"), {})
+
+    def step(part: str, case: str) -> dict:
+        return next((r for r in records if r["part"] == part and r.get("case") == case and "error" not in r), {})
+
+    def decode(part: str, batch: int) -> dict:
+        return next((r for r in records if r["part"] == part and r.get("batch") == batch), {})
+
+    peak = env.get("dense_bf16_tflops_datasheet")
+    ntp13 = step("steps-1p3b-16k", "ntp")
+    cold = next((r for r in records if r["part"].startswith("cold-")), {})
+    warm = next((r for r in records if r["part"].startswith("warm-")), {})
+    latest = {
+        "card": env.get("card"), "date": env.get("date"), "torch": env.get("torch"), "triton": env.get("triton"),
+        "fla": env.get("fla"), "transformers": env.get("transformers"),
+        "refine_branch_over_ntp_340m_4k": step("steps-340m-4k", "branch").get("ratio_to_ntp"),
+        "refine_faithful_over_ntp_340m_4k": step("steps-340m-4k", "faithful").get("ratio_to_ntp"),
+        "refine_branch_over_ntp_1p3b_16k": step("steps-1p3b-16k", "branch").get("ratio_to_ntp"),
+        "refine_faithful_over_ntp_1p3b_16k": step("steps-1p3b-16k", "faithful").get("ratio_to_ntp"),
+        "ntp_tok_s_1p3b_16k": ntp13.get("tokens_per_s"),
+        "ntp_mfu_1p3b_16k": (round(ntp13["achieved_tflops"] / peak, 4) if ntp13 and peak else None),
+        "ntp_mfu_of_measured_matmul_1p3b_16k": (
+            round(ntp13["achieved_tflops"] / env["matmul_tflops"], 4) if ntp13 and env.get("matmul_tflops") else None
+        ),
+        "decode_speedup_vs_hf_b64": decode("decode-340m", 64).get("speedup_vs_hf"),
+        "decode_fraction_of_bandwidth_b64": decode("decode-340m", 64).get("fraction_of_bandwidth"),
+        "decode_fraction_of_bandwidth_b256": decode("decode-340m", 256).get("fraction_of_bandwidth"),
+        "refine_peak_mem_gib_1p3b_16k": step("steps-1p3b-16k", "branch").get("peak_mem_gib"),
+        "first_step_s_cold": cold.get("first_refine_step_s"),
+        "first_step_s_warm": warm.get("first_refine_step_s"),
+        "steady_step_s": warm.get("steady_refine_step_s"),
+        "parts_done": sorted({r["part"] for r in records}),
+    }
+    print(json.dumps(latest, indent=1))
+    if getattr(args, "latest", None):
+        Path(args.latest).write_text(json.dumps(latest, indent=1) + "\n")
+    return latest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run the parts that are not done yet, within --budget-s")
+    p_run.add_argument("--state", default=".bench_state")
+    p_run.add_argument("--out", default=os.environ.get("OUT"))
+    p_run.add_argument("--budget-s", type=float, default=540)
+    p_run.add_argument("--parts", nargs="*", choices=list(PARTS))
+    p_run.add_argument("--force", action="store_true", help="run the named parts even past the budget estimate")
+    p_run.add_argument("--pack-cache", action="store_true")
+    p_run.add_argument("--unpack-cache", help="a folder holding triton-cache.tar.xz.part* files")
+    p_part = sub.add_parser("part", help="one measurement (run by `run` in a fresh process)")
+    p_part.add_argument("argv", nargs="+")
+    p_part.add_argument("--state", default=".bench_state")
+    p_sum = sub.add_parser("summarize", help="headline figures from results.jsonl")
+    p_sum.add_argument("--state", default=".bench_state")
+    p_sum.add_argument("--latest", help="write them here (bench/results/latest.json)")
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args)
+    elif args.command == "summarize":
+        summarize(args)
+    else:
+        kind, *rest = args.argv
+        with contextlib.ExitStack():
+            if kind == "env":
+                part_env()
+            elif kind == "first-steps":
+                part_first_steps(rest[0], int(rest[1]), rest[2])
+            elif kind == "steps":
+                part_steps(rest[0], int(rest[1]), rest[2])
+            elif kind == "decode":
+                part_decode(rest[0])
+            elif kind == "profile":
+                part_profile(rest[0], int(rest[1]))
+            elif kind == "tests":
+                part_tests(Path(args.state) / "tests.log")
+            else:
+                raise SystemExit(f"unknown part {kind!r}")
+
+
+if __name__ == "__main__":
+    main()
