@@ -270,6 +270,7 @@ def part_steps(model_name: str, length: int, cases: str) -> None:
 
 def part_decode(model_name: str) -> None:
     import torch
+
     from bench.bench_decode import measure_decode
 
     model = _build(model_name, False).to(torch.bfloat16).eval()

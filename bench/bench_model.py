@@ -81,8 +81,9 @@ def main() -> None:
     vocab = model.config.vocab_size
 
     for backend in args.backends:
-        ctx = fla_backend.disabled() if backend == "torch" else nullcontext()
         for batch in args.batch:
+            # a fresh context per use: a generator-based context manager cannot be entered twice
+            ctx = fla_backend.disabled() if backend == "torch" else nullcontext()
             ids = torch.randint(0, vocab, (batch, args.seq), device=device)
 
             def step(ids=ids):

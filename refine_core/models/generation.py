@@ -6,6 +6,10 @@ uses an explicit ``torch.Generator`` so that rollouts can be replayed (REFINE sa
 
 We own this loop because fla 0.6.0's ``generate`` silently ignores its cache under transformers 5.24
 (models-notes §1.7) and LaCT's has no cache at all.
+
+On CUDA the per-token model step is replayed from a captured CUDA graph (:mod:`refine_core.models.decoding`): the
+eager step is launch-bound on a GPU. The graph loop keeps the eager loop's results exactly (tokens, lengths, the
+returned cache, the generator's state).
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from refine_core.models.cache import FastWeightCache
+from refine_core.models.decoding import StaticDecodeStep, graphed_decode_step
+
+# In graph mode the host reads "have all rows finished?" only every this many steps: each read is a device sync,
+# which empties the launch queue that lets the CPU run ahead of the GPU.
+FINISHED_CHECK_EVERY = 8
 
 
 @dataclass
@@ -101,6 +110,7 @@ def generate(
     cache: FastWeightCache | None = None,
     next_logits: torch.Tensor | None = None,
     uniforms: torch.Tensor | None = None,
+    cuda_graph: bool | None = None,
 ) -> GenerationOutput:
     """Continue each row of ``input_ids`` by up to ``sampling.max_new_tokens`` tokens.
 
@@ -117,11 +127,16 @@ def generate(
         next_logits: ``[B, V]`` logits for the first new token when ``input_ids`` is empty.
         uniforms: ``[B, max_new_tokens]`` per-row random numbers for batch-invariant sampling (see
             :func:`pick_tokens`); overrides ``generator``.
+        cuda_graph: replay each decode step from a captured CUDA graph (same results, far fewer launches).
+            ``None`` (auto): when ``model`` is an ``nn.Module`` on CUDA and ``max_new_tokens >= 2``; ``False``:
+            eager; ``True`` on CPU raises ``ValueError``. Under CUDA autocast the graph runs the step in the
+            current autocast dtype.
 
     Returns:
         The new tokens, their lengths, and the cache after feeding all but the last new token.
     """
     cfg = sampling or SamplingConfig()
+    use_graph = _use_cuda_graph(model, input_ids, cfg, cuda_graph)
     batch = input_ids.shape[0]
     device = input_ids.device
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
@@ -130,6 +145,10 @@ def generate(
         cache, next_logits = out.cache, out.logits[:, -1]
     elif cache is None or next_logits is None:
         raise ValueError("generate needs a non-empty prompt, or both cache and next_logits to continue from")
+    if use_graph:
+        autocast_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        step_fn = graphed_decode_step(model, batch, cache, autocast_dtype)
+        return _decode_static(step_fn, cfg, cache, next_logits, eos_token_id, pad, generator, uniforms)
 
     tokens = torch.full((batch, cfg.max_new_tokens), pad, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -151,4 +170,86 @@ def generate(
         if step + 1 < cfg.max_new_tokens:
             out = model(new[:, None], cache=cache, use_cache=True)
             cache, next_logits = out.cache, out.logits[:, -1]
+    return GenerationOutput(tokens=tokens, lengths=lengths, cache=cache)
+
+
+def _use_cuda_graph(model: object, input_ids: torch.Tensor, cfg: SamplingConfig, cuda_graph: bool | None) -> bool:
+    """Resolve ``generate``'s ``cuda_graph`` argument (see there)."""
+    if cuda_graph is False:
+        return False
+    param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    on_cuda = param is not None and param.is_cuda and input_ids.is_cuda
+    if cuda_graph and not on_cuda:
+        if not isinstance(model, torch.nn.Module):
+            where = "is not an nn.Module"
+        else:
+            where = f"on {param.device}" if param is not None else "has no parameters"
+        raise ValueError(
+            f"cuda_graph=True needs an nn.Module model and input_ids on a CUDA device (model {where}, input_ids on "
+            f"{input_ids.device}); pass cuda_graph=None (auto) or cuda_graph=False to decode eagerly"
+        )
+    # fewer than 2 new tokens feed nothing through the model; inside someone else's capture, stay eager
+    return on_cuda and cfg.max_new_tokens >= 2 and not torch.cuda.is_current_stream_capturing()
+
+
+def _decode_static(
+    step_fn: StaticDecodeStep,
+    cfg: SamplingConfig,
+    start: FastWeightCache,
+    next_logits: torch.Tensor,
+    eos_token_id: int | None,
+    pad: int,
+    generator: torch.Generator | None,
+    uniforms: torch.Tensor | None,
+) -> GenerationOutput:
+    """``generate``'s loop over a static decode step (a CUDA graph, or its eager twin in the CPU tests).
+
+    Same picks as the eager loop, but "all rows finished?" (a device sync) is read only every
+    :data:`FINISHED_CHECK_EVERY` steps. Steps picked after every row finished only add pad tokens, but the state
+    must be the eager one (fed up to the step where the last row finished): the static state is copied at the start
+    of each window in which that can happen, and on an early finish it is rolled back and the window's tokens are
+    fed again (replays are deterministic). When sampling draws from an RNG the flag is read every step instead,
+    so that the generator ends where the eager loop leaves it.
+    """
+    n = cfg.max_new_tokens
+    batch, device = step_fn.batch, step_fn.device
+    tokens = torch.full((batch, n), pad, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    lengths = torch.full((batch,), n, dtype=torch.long, device=device)
+    step_fn.load(start)
+    every = 1 if cfg.do_sample and uniforms is None else FINISHED_CHECK_EVERY
+    fed = 0  # tokens fed through the static step: its state is the cache after tokens[:, :fed]
+    snapshot: list[torch.Tensor] | None = None
+    snapshot_fed = 0
+    for step in range(n):
+        window_end = min(step - step % every + every - 1, n - 1)
+        if eos_token_id is not None and step % every == 0:
+            # The last row can finish at a step in [max(step, min_new_tokens), window_end]; only a finish before
+            # window_end needs a rollback.
+            snapshot = step_fn.snapshot() if max(step, cfg.min_new_tokens) < window_end else None
+            snapshot_fed = fed
+        logits = next_logits.float()
+        if eos_token_id is not None and step < cfg.min_new_tokens:
+            logits = logits.clone()
+            logits[:, eos_token_id] = float("-inf")
+        new = pick_tokens(logits, cfg, generator, None if uniforms is None else uniforms[:, step])
+        new = torch.where(finished, torch.full_like(new, pad), new)
+        tokens[:, step] = new
+        if eos_token_id is not None:
+            just_done = (new == eos_token_id) & ~finished
+            lengths = torch.where(just_done, torch.full_like(lengths, step + 1), lengths)
+            finished |= just_done
+            if step == window_end and bool(finished.all()):
+                done_at = int(lengths.max()) - 1  # the step at which the eager loop stopped
+                # (no snapshot: EOS was blocked up to window_end, so done_at == fed; only NaN logits could differ)
+                if done_at < fed and snapshot is not None:
+                    step_fn.restore(snapshot)
+                    for t in range(snapshot_fed, done_at):
+                        step_fn.feed(tokens[:, t])
+                    fed = done_at
+                break
+        if step + 1 < n:
+            next_logits = step_fn.feed(new)
+            fed += 1
+    cache = step_fn.cache(start.seen_tokens + fed) if fed else start
     return GenerationOutput(tokens=tokens, lengths=lengths, cache=cache)
