@@ -61,12 +61,12 @@ DENSE_BF16_TFLOPS = {"H200": 989.5, "H100": 989.5}  # SXM datasheets, dense (no 
 PARTS: dict[str, tuple[int, list[str]]] = {
     "env": (30, ["env"]),
     "cold-340m-4k": (300, ["first-steps", "340m", "4096", "cold"]),
-    "warm-340m-4k": (60, ["first-steps", "340m", "4096", "warm"]),
-    "tests": (150, ["tests"]),
-    "steps-340m-4k": (120, ["steps", "340m", "4096", "ntp,branch,faithful"]),
-    "decode-340m": (120, ["decode", "340m"]),
-    "steps-1p3b-16k": (300, ["steps", "1p3b", "16384", "ntp,branch,faithful"]),
-    "profile-340m-4k": (60, ["profile", "340m", "4096"]),
+    "warm-340m-4k": (40, ["first-steps", "340m", "4096", "warm"]),
+    "tests": (90, ["tests"]),
+    "steps-340m-4k": (90, ["steps", "340m", "4096", "ntp,branch,faithful"]),
+    "decode-340m": (100, ["decode", "340m"]),
+    "steps-1p3b-16k": (240, ["steps", "1p3b", "16384", "ntp,branch,faithful"]),
+    "profile-340m-4k": (45, ["profile", "340m", "4096"]),
     "profile-1p3b-16k": (90, ["profile", "1p3b", "16384"]),
     "decode-1p3b": (150, ["decode", "1p3b"]),
     "steps-340m-16k": (150, ["steps", "340m", "16384", "ntp,branch"]),
@@ -202,7 +202,7 @@ def part_first_steps(model_name: str, length: int, which: str) -> None:
     for case, cfg in (("ntp", _refine_cfg({**shape, "batch": shape["mini"]}, "branch", False)),
                       ("refine", _refine_cfg({**shape, "batch": shape["mini"]}, "branch", True))):
         times = []
-        for step in range(3):
+        for step in range(4):
             _sync()
             t0 = time.perf_counter()
             _step(model, optimizer, docs, cfg, step)
@@ -210,6 +210,7 @@ def part_first_steps(model_name: str, length: int, which: str) -> None:
             times.append(time.perf_counter() - t0)
         record[f"first_{case}_step_s"] = round(times[0], 3)
         record[f"steady_{case}_step_s"] = round(statistics.median(times[1:]), 3)
+        record[f"{case}_step_s_all"] = [round(t, 3) for t in times]
     record["cache_entries_after"] = _triton_entries()
     record["process_s"] = round(time.perf_counter() - t_start, 1)
     _emit(record)
@@ -253,7 +254,7 @@ def part_steps(model_name: str, length: int, cases: str) -> None:
         ntp_time = step_s if case == "ntp" else ntp_time
         record = {
             "part": f"steps-{model_name}-{length // 1024}k", "case": case, **base,
-            "step_s": round(step_s, 4), "step_s_min": round(min(times), 4),
+            "step_s": round(step_s, 4), "step_s_min": round(min(times), 4), "step_s_all": [round(t, 4) for t in times],
             "ratio_to_ntp": None if ntp_time is None else round(step_s / ntp_time, 3),
             "tokens_per_s": round(tokens / step_s),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -279,7 +280,9 @@ def part_decode(model_name: str) -> None:
 
 
 def part_profile(model_name: str, length: int) -> None:
+    """One NTP and one branch REFINE step under the profiler: wall time, GPU busy time, top kernels and CPU ops."""
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     shape = SHAPES[(model_name, length)]
@@ -289,18 +292,31 @@ def part_profile(model_name: str, length: int) -> None:
     for case in ("ntp", "branch"):
         cfg = _refine_cfg({**shape, "batch": shape["mini"]}, "branch", case != "ntp")
         _step(model, optimizer, docs, cfg, 0)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            _step(model, optimizer, docs, cfg, 1)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             _sync()
-        events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
-        total = sum(e.device_time_total for e in events)
-        top = [
-            {"kernel": e.key[:90], "ms": round(e.device_time_total / 1e3, 2),
-             "share": round(e.device_time_total / total, 3), "calls": e.count}
-            for e in events[:15]
-        ]
-        _emit({"part": f"profile-{model_name}-{length // 1024}k", "case": case, "gpu_ms_total": round(total / 1e3, 1),
-               "kernel_launches": sum(e.count for e in events), "top": top})
+            t0 = time.perf_counter()
+            metrics = _step(model, optimizer, docs, cfg, 1)
+            _sync()
+            wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA),
+                         key=lambda e: e.self_device_time_total, reverse=True)
+        gpu = sum(e.self_device_time_total for e in kernels)
+        cpu_ops = sorted((e for e in events if e.device_type == DeviceType.CPU),
+                         key=lambda e: e.self_cpu_time_total, reverse=True)
+        _emit({
+            "part": f"profile-{model_name}-{length // 1024}k", "case": case, "wall_ms_profiled": round(wall * 1e3, 1),
+            "gpu_busy_ms": round(gpu / 1e3, 1), "kernel_launches": sum(e.count for e in kernels),
+            "phases": {k: round(v, 4) for k, v in metrics.items() if k.startswith("time/")},
+            "top_kernels": [
+                {"kernel": e.key[:80], "ms": round(e.self_device_time_total / 1e3, 2), "calls": e.count,
+                 "share": round(e.self_device_time_total / max(gpu, 1), 3)} for e in kernels[:18]
+            ],
+            "top_cpu_ops": [
+                {"op": e.key[:60], "self_ms": round(e.self_cpu_time_total / 1e3, 1), "calls": e.count}
+                for e in cpu_ops[:12]
+            ],
+        })
 
 
 def part_tests(log: Path) -> None:
@@ -366,6 +382,7 @@ def run(args: argparse.Namespace) -> None:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
     names = args.parts or list(PARTS)
+    fla_configs = state / "fla_configs"
     with open(state / "run.log", "a") as log:
         for name in names:
             done = _done(state)
@@ -380,8 +397,17 @@ def run(args: argparse.Namespace) -> None:
             print(f"[run ] {name} ({left:.0f}s left)", flush=True)
             t0 = time.perf_counter()
             cmd = [sys.executable, str(Path(__file__).resolve()), "part", *argv, "--state", str(state)]
+            part_env = dict(env)
+            if argv[0] != "first-steps":
+                # Shapes not tuned yet (a new model size) take the configurations tuned so far instead of autotuning.
+                from refine_core.models.ops.fla_configs import export_fla_configs
+
+                exported = export_fla_configs(state / "triton", fla_configs)
+                if exported:
+                    part_env.update(FLA_CONFIG_DIR=str(fla_configs), FLA_CACHE_MODE="fuzzy")
             try:
-                proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(left, 30))
+                proc = subprocess.run(cmd, cwd=REPO, env=part_env, capture_output=True, text=True,
+                                      timeout=max(left, 30))
                 output, code = proc.stdout + proc.stderr, proc.returncode
             except subprocess.TimeoutExpired as exc:
                 output = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
