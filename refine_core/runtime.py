@@ -28,11 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from refine_core.models.ops.fla_configs import use_fla_configs
+
 logger = logging.getLogger(__name__)
 
 # The checkout this package lives in (``<repo>/refine_core/runtime.py``); for a wheel install it is site-packages.
 _PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 PRECISIONS = ("auto", "fp32", "bf16")
+# Inside the Triton cache: fla's per-kernel configs exported from its autotune results (``refine warmup``).
+FLA_CONFIGS_SUBDIR = "fla_configs"
 LOG_FORMAT = "%(asctime)s %(levelname)-5s %(name)s: %(message)s"
 LOG_DATEFMT = "%H:%M:%S"
 
@@ -227,9 +231,27 @@ def configure_triton_cache(cache_dir: str | os.PathLike[str] | None = None) -> P
             shared ``~/.triton`` across jobs and users). A path wins over the environment: it is made absolute (so
             torchrun workers and subprocesses with another working directory agree), created, and exported.
 
+    If the cache holds ``fla_configs/`` (written by ``refine warmup`` from the autotune results) and fla is not
+    pointed elsewhere, fla takes its kernel configurations from there (``FLA_CACHE_MODE=fuzzy``): shapes the cache
+    has not seen (another head count) then compile one configuration each instead of autotuning
+    (:mod:`refine_core.models.ops.fla_configs`).
+
     Returns:
         The cache directory in effect.
     """
+    path = _triton_cache_path(cache_dir)
+    configs = path / FLA_CONFIGS_SUBDIR
+    if "FLA_CONFIG_DIR" not in os.environ and configs.is_dir() and any(configs.glob("*.json")):
+        try:
+            use_fla_configs(configs)
+            logger.info("fla kernel configs from %s (FLA_CACHE_MODE=fuzzy)", configs)
+        except RuntimeError as exc:  # fla imported already: its configs are fixed for this process
+            logger.info("%s", exc)
+    return path
+
+
+def _triton_cache_path(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """Set ``$TRITON_CACHE_DIR`` as :func:`configure_triton_cache` describes and return it."""
     if cache_dir is not None:
         path = Path(cache_dir).expanduser().absolute()
         previous = os.environ.get("TRITON_CACHE_DIR")

@@ -43,6 +43,7 @@ from refine_core import runtime
 from refine_core.config import RunConfig
 from refine_core.data.batching import left_pad
 from refine_core.models import FastWeightForCausalLM, SamplingConfig, generate
+from refine_core.models.ops.fla_configs import export_fla_configs
 from refine_core.tokenizer import Tokenizer, load_tokenizer
 from refine_core.training.refine_step import refine_step
 from refine_core.training.session import micro_batch_loss
@@ -179,8 +180,11 @@ def warmup(cfg: RunConfig) -> dict[str, Any]:
             generate(model, ids.to(device), mask.to(device), sampling, eos_token_id=model.config.eos_token_id,
                      pad_token_id=pad_id)
 
+    # fla's configs for other shapes: what was tuned here, picked by fuzzy key (refine_core.models.ops.fla_configs)
+    exported = export_fla_configs(cache_dir, cache_dir / runtime.FLA_CONFIGS_SUBDIR)
     files_after = count_cache_files(cache_dir)
     report = {
+        "fla_config_kernels": len(exported),
         "triton_cache_dir": str(cache_dir),
         "cache_files_before": files_before,
         "cache_files_after": files_after,

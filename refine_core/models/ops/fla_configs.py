@@ -48,7 +48,7 @@ def export_fla_configs(triton_cache: str | Path, out_dir: str | Path) -> dict[st
 
     Args:
         triton_cache: a ``TRITON_CACHE_DIR`` that fla's kernels were autotuned into.
-        out_dir: where to write (created); existing files for the same kernels are merged, new keys win.
+        out_dir: where to write (created when there is something to write); existing files for the same kernels are merged, new keys win.
 
     Returns:
         Entries written per kernel name.
@@ -63,7 +63,8 @@ def export_fla_configs(triton_cache: str | Path, out_dir: str | Path) -> dict[st
         digest = hashlib.md5(_serialize(key).encode()).hexdigest()
         entries.setdefault(kernel, {})[digest] = {"autotune_key": key, "config": best_config(record["configs_timings"])}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if entries:  # nothing tuned (CPU, or no fla): leave no empty folder behind
+        out.mkdir(parents=True, exist_ok=True)
     for kernel, found in entries.items():
         target = out / f"{kernel}.json"
         merged = json.loads(target.read_text()).get("autotune_entries", {}) if target.exists() else {}
