@@ -475,6 +475,51 @@ def summarize(args: argparse.Namespace) -> dict:
     return latest
 
 
+def tables(args: argparse.Namespace) -> None:
+    """Markdown tables of everything in ``results.jsonl`` (for BENCHMARKS.md)."""
+    records = _records(Path(args.state))
+    env = next((r for r in records if r["part"] == "env"), {})
+    peak = env.get("dense_bf16_tflops_datasheet") or float("nan")
+    matmul = env.get("matmul_tflops") or float("nan")
+    print(f"{env.get('card')}, {env.get('date')}, torch {env.get('torch')}, triton {env.get('triton')}, fla "
+          f"{env.get('fla')}, transformers {env.get('transformers')}; copy {env.get('copy_gbs')} GB/s, bf16 matmul "
+          f"{matmul} TFLOP/s (datasheet {peak})\n")
+    print("| model | tokens | docs (mini/micro) | case | step (median) | × NTP | tokens/s | MFU (datasheet / matmul) "
+          "| peak GiB | entropy / rollout / update s | compiles after step 1 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in records:
+        if not r["part"].startswith("steps-"):
+            continue
+        if "error" in r:
+            print(f"| {r['model']} | {r['seq']} | {r['batch']} | {r['case']} | {r['error'][:60]} |||||||")
+            continue
+        mfu = (f"{r['achieved_tflops'] / peak:.1%} / {r['achieved_tflops'] / matmul:.1%}"
+               if "achieved_tflops" in r else "")
+        phases = " / ".join(f"{r.get(k, 0):.3f}" for k in ("time/entropy_s", "time/rollout_s", "time/update_s"))
+        print(f"| {r['model']} | {r['seq']} | {r['batch']} ({r['mini']}/{r['micro']}) | {r['case']} | "
+              f"{r['step_s']:.3f} s | {r['ratio_to_ntp']} | {r['tokens_per_s']:,} | {mfu} | {r['peak_mem_gib']} | "
+              f"{phases if r['case'] != 'ntp' else ''} | {r['triton_compiles_after_first_step']} |")
+    decode = [r for r in records if r["part"].startswith("decode-")]
+    if decode:
+        print("\n| model | batch | ours, graph tok/s | ours, eager tok/s | HF generate (fla) tok/s | × HF | step ms "
+              "| fraction of bandwidth floor | HF greedy agreement |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in decode:
+            print(f"| {r['model']} | {r['batch']} | {r.get('tokens_per_s_graph')} | {r.get('tokens_per_s_eager')} | "
+                  f"{r.get('tokens_per_s_hf')} | {r.get('speedup_vs_hf')} | {r.get('step_ms')} | "
+                  f"{r.get('fraction_of_bandwidth')} | {r.get('hf_agreement_fraction')} |")
+    for r in records:
+        if r["part"].startswith(("cold-", "warm-")):
+            print(f"\n{r['part']}: " + json.dumps({k: v for k, v in r.items() if k != "part"}))
+        if r["part"].startswith("profile-"):
+            print(f"\n{r['part']} {r['case']}: wall {r['wall_ms_profiled']} ms, GPU busy {r['gpu_busy_ms']} ms, "
+                  f"{r['kernel_launches']} launches, phases {r['phases']}")
+            for k in r["top_kernels"][:10]:
+                print(f"    {k['ms']:8.2f} ms {k['share']:6.1%} x{k['calls']:<5} {k['kernel']}")
+        if r["part"] == "tests":
+            print("\ntests: exit", r["returncode"], *r["summary"], sep="\n    ")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -492,11 +537,15 @@ def main() -> None:
     p_sum = sub.add_parser("summarize", help="headline figures from results.jsonl")
     p_sum.add_argument("--state", default=".bench_state")
     p_sum.add_argument("--latest", help="write them here (bench/results/latest.json)")
+    p_tab = sub.add_parser("tables", help="markdown tables of all results (for BENCHMARKS.md)")
+    p_tab.add_argument("--state", default=".bench_state")
     args = parser.parse_args()
     if args.command == "run":
         run(args)
     elif args.command == "summarize":
         summarize(args)
+    elif args.command == "tables":
+        tables(args)
     else:
         kind, *rest = args.argv
         with contextlib.ExitStack():
