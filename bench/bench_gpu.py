@@ -485,7 +485,7 @@ def tables(args: argparse.Namespace) -> None:
           f"{env.get('fla')}, transformers {env.get('transformers')}; copy {env.get('copy_gbs')} GB/s, bf16 matmul "
           f"{matmul} TFLOP/s (datasheet {peak})\n")
     print("| model | tokens | docs (mini/micro) | case | step (median) | × NTP | tokens/s | MFU (datasheet / matmul) "
-          "| peak GiB | entropy / rollout / update s | compiles after step 1 |")
+          "| peak GiB | entropy / rollout / update (policy forward, backward) s | compiles after step 1 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in records:
         if not r["part"].startswith("steps-"):
@@ -496,6 +496,7 @@ def tables(args: argparse.Namespace) -> None:
         mfu = (f"{r['achieved_tflops'] / peak:.1%} / {r['achieved_tflops'] / matmul:.1%}"
                if "achieved_tflops" in r else "")
         phases = " / ".join(f"{r.get(k, 0):.3f}" for k in ("time/entropy_s", "time/rollout_s", "time/update_s"))
+        phases += f" ({r.get('time/policy_forward_s', 0):.3f}, {r.get('time/backward_s', 0):.3f})"
         print(f"| {r['model']} | {r['seq']} | {r['batch']} ({r['mini']}/{r['micro']}) | {r['case']} | "
               f"{r['step_s']:.3f} s | {r['ratio_to_ntp']} | {r['tokens_per_s']:,} | {mfu} | {r['peak_mem_gib']} | "
               f"{phases if r['case'] != 'ntp' else ''} | {r['triton_compiles_after_first_step']} |")

@@ -247,7 +247,7 @@ def refine_step(
                 micro = rows[mlo : mlo + cfg.micro_batch_size]
                 with sync.accumulate(last=mlo == starts[-1]):
                     if micro[0] in fused_rows:
-                        with autocast():
+                        with timer("time/policy_forward_s"), autocast():
                             ntp_sum, logp, tokens, hidden = sync.forward(
                                 sampling_policy_pass, model, positions, micro, settings, seed=seed, step=step,
                                 eos_id=eos_id, pad_id=pad_id, ntp_labels_fn=ntp_fn,
@@ -259,7 +259,7 @@ def refine_step(
                     else:
                         sel = torch.isin(rest.doc_index, torch.tensor(micro))
                         part, part_advantages = rest.subset(sel), rest_advantages[sel]
-                        with autocast():
+                        with timer("time/policy_forward_s"), autocast():
                             ntp_sum, logp = sync.forward(
                                 policy_pass, cfg.engine, model, positions, micro, part, settings, pad_id=pad_id,
                                 ntp_labels_fn=ntp_fn,
@@ -280,7 +280,8 @@ def refine_step(
                         kl = kl_penalty(logp, ref_logp[sel].to(device), cfg.kl_kind)
                         loss = loss + cfg.kl_coef * kl.sum() / rollout_total
                         sums["refine/kl"] += float(kl.detach().sum()) / rollout_total
-                    sync.scale(loss).backward()
+                    with timer("time/backward_s"):
+                        sync.scale(loss).backward()
                 sums["refine/ntp_loss"] += float(ntp_sum.detach()) / max(ntp_total, 1)
                 sums["refine/nsp_loss"] += float(ppo.detach())
                 stats.append({**policy_loss_stats(terms, ones), "tokens": float(ones.sum())})
