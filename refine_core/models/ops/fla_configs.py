@@ -48,7 +48,8 @@ def export_fla_configs(triton_cache: str | Path, out_dir: str | Path) -> dict[st
 
     Args:
         triton_cache: a ``TRITON_CACHE_DIR`` that fla's kernels were autotuned into.
-        out_dir: where to write (created when there is something to write); existing files for the same kernels are merged, new keys win.
+        out_dir: where to write (created when there is something to write); existing files for the same kernels
+            are merged, new keys win.
 
     Returns:
         Entries written per kernel name.
