@@ -467,6 +467,10 @@ def summarize(args: argparse.Namespace) -> dict:
         "first_step_s_cold": cold.get("first_refine_step_s"),
         "first_step_s_warm": warm.get("first_refine_step_s"),
         "steady_step_s": warm.get("steady_refine_step_s"),
+        # the same ratio from the first-steps part (its steps 1-3 after the first; 8 documents, one mini-batch)
+        "steady_refine_over_ntp_340m_4k_first_steps_part": next(
+            (round(r["steady_refine_step_s"] / r["steady_ntp_step_s"], 2) for r in (warm, cold) if r), None
+        ),
         "parts_done": sorted({r["part"] for r in records}),
     }
     print(json.dumps(latest, indent=1))
