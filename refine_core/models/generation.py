@@ -154,23 +154,40 @@ def generate(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.full((batch,), cfg.max_new_tokens, dtype=torch.long, device=device)
     for step in range(cfg.max_new_tokens):
-        logits = next_logits.float()
-        if eos_token_id is not None and step < cfg.min_new_tokens:
-            logits = logits.clone()
-            logits[:, eos_token_id] = float("-inf")
-        new = pick_tokens(logits, cfg, generator, None if uniforms is None else uniforms[:, step])
-        new = torch.where(finished, torch.full_like(new, pad), new)
+        new, lengths = _pick_step(next_logits, step, cfg, eos_token_id, pad, generator, uniforms, finished, lengths)
         tokens[:, step] = new
-        if eos_token_id is not None:
-            just_done = (new == eos_token_id) & ~finished
-            lengths = torch.where(just_done, torch.full_like(lengths, step + 1), lengths)
-            finished |= just_done
-            if bool(finished.all()):
-                break
+        if eos_token_id is not None and bool(finished.all()):
+            break
         if step + 1 < cfg.max_new_tokens:
             out = model(new[:, None], cache=cache, use_cache=True)
             cache, next_logits = out.cache, out.logits[:, -1]
     return GenerationOutput(tokens=tokens, lengths=lengths, cache=cache)
+
+
+def _pick_step(
+    next_logits: torch.Tensor,
+    step: int,
+    cfg: SamplingConfig,
+    eos_token_id: int | None,
+    pad: int,
+    generator: torch.Generator | None,
+    uniforms: torch.Tensor | None,
+    finished: torch.Tensor,
+    lengths: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's tokens (EOS blocked before ``min_new_tokens``, pad after a row's EOS) and the updated lengths;
+    ``finished`` is updated in place. Shared by the eager and the graph loops, which must pick the same tokens."""
+    logits = next_logits.float()
+    if eos_token_id is not None and step < cfg.min_new_tokens:
+        logits = logits.clone()
+        logits[:, eos_token_id] = float("-inf")
+    new = pick_tokens(logits, cfg, generator, None if uniforms is None else uniforms[:, step])
+    new = torch.where(finished, torch.full_like(new, pad), new)
+    if eos_token_id is not None:
+        just_done = (new == eos_token_id) & ~finished
+        lengths = torch.where(just_done, torch.full_like(lengths, step + 1), lengths)
+        finished |= just_done
+    return new, lengths
 
 
 def _use_cuda_graph(model: object, input_ids: torch.Tensor, cfg: SamplingConfig, cuda_graph: bool | None) -> bool:
@@ -228,26 +245,17 @@ def _decode_static(
             # window_end needs a rollback.
             snapshot = step_fn.snapshot() if max(step, cfg.min_new_tokens) < window_end else None
             snapshot_fed = fed
-        logits = next_logits.float()
-        if eos_token_id is not None and step < cfg.min_new_tokens:
-            logits = logits.clone()
-            logits[:, eos_token_id] = float("-inf")
-        new = pick_tokens(logits, cfg, generator, None if uniforms is None else uniforms[:, step])
-        new = torch.where(finished, torch.full_like(new, pad), new)
+        new, lengths = _pick_step(next_logits, step, cfg, eos_token_id, pad, generator, uniforms, finished, lengths)
         tokens[:, step] = new
-        if eos_token_id is not None:
-            just_done = (new == eos_token_id) & ~finished
-            lengths = torch.where(just_done, torch.full_like(lengths, step + 1), lengths)
-            finished |= just_done
-            if step == window_end and bool(finished.all()):
-                done_at = int(lengths.max()) - 1  # the step at which the eager loop stopped
-                # (no snapshot: EOS was blocked up to window_end, so done_at == fed; only NaN logits could differ)
-                if done_at < fed and snapshot is not None:
-                    step_fn.restore(snapshot)
-                    for t in range(snapshot_fed, done_at):
-                        step_fn.feed(tokens[:, t])
-                    fed = done_at
-                break
+        if eos_token_id is not None and step == window_end and bool(finished.all()):
+            done_at = int(lengths.max()) - 1  # the step at which the eager loop stopped
+            # (no snapshot: EOS was blocked up to window_end, so done_at == fed; only NaN logits could differ)
+            if done_at < fed and snapshot is not None:
+                step_fn.restore(snapshot)
+                for t in range(snapshot_fed, done_at):
+                    step_fn.feed(tokens[:, t])
+                fed = done_at
+            break
         if step + 1 < n:
             next_logits = step_fn.feed(new)
             fed += 1

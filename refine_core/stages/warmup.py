@@ -31,9 +31,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +45,7 @@ from refine_core.tokenizer import Tokenizer, load_tokenizer
 from refine_core.training.refine_step import refine_step
 from refine_core.training.session import micro_batch_loss
 from refine_core.training.setup import build_or_load_model
+from refine_core.training.timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
 
@@ -59,28 +57,6 @@ def count_cache_files(cache_dir: Path) -> int:
     if not cache_dir.is_dir():
         return 0
     return sum(1 for path in cache_dir.rglob("*") if path.is_file())
-
-
-@dataclass
-class _Phases:
-    """Wall seconds per phase; CUDA is synchronised so that asynchronous kernels count where they ran."""
-
-    device: torch.device
-    seconds: dict[str, float]
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        self._sync()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 def _vocabulary_source(cfg: RunConfig) -> Tokenizer | None:
@@ -118,7 +94,7 @@ def warmup(cfg: RunConfig) -> dict[str, Any]:
     files_before = count_cache_files(cache_dir)
     runtime.seed_everything(cfg.seed)
     device = runtime.select_device(cfg.device)
-    phases = _Phases(device, {})
+    phases = PhaseTimer(device)
     logger.info("warm-up: Triton cache %s (%d files), device %s, precision %s", cache_dir, files_before, device,
                 cfg.precision)
 
@@ -189,7 +165,7 @@ def warmup(cfg: RunConfig) -> dict[str, Any]:
         "cache_files_before": files_before,
         "cache_files_after": files_after,
         "seconds": round(time.perf_counter() - t_start, 3),
-        "phases": phases.seconds,
+        "phases": {name: round(secs, 3) for name, secs in phases.seconds.items()},
         "device": str(device),
         "doc_tokens": cfg.data.max_tokens,
         "refine_optimizer_steps": int(metrics.get("refine/optimizer_steps", 0)),

@@ -30,10 +30,9 @@ equals the single-process one on the whole batch.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -61,6 +60,7 @@ from refine_core.distributed.ddp import ReplicaSync
 from refine_core.models import FastWeightForCausalLM
 from refine_core.training.losses import count_targets, lm_loss_sum, ntp_targets
 from refine_core.training.optim import clip_and_step
+from refine_core.training.timing import PhaseTimer
 
 
 def rollout_settings(cfg: RefineConfig) -> RolloutSettings:
@@ -75,28 +75,6 @@ def rollout_settings(cfg: RefineConfig) -> RolloutSettings:
         pad_prefix_to_full_length=cfg.pad_prefix_to_full_length,
         micro_batch_size=cfg.micro_batch_size,
     )
-
-
-class _Timer:
-    """Wall time per phase, synchronising CUDA so that asynchronous kernels are charged to the right phase."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        self._sync()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            self.seconds[name] += time.perf_counter() - t0
 
 
 def _ntp_sum_fn(mask_pad: bool, lm_head_weight: torch.Tensor) -> Callable:
@@ -187,7 +165,7 @@ def refine_step(
     if not cfg.nsp_update:
         return ntp_only_step(model, optimizer, docs, cfg, pad_id=pad_id, autocast=autocast, sync=sync)
     device = model.device
-    timer = _Timer(device)
+    timer = PhaseTimer(device)
     settings = rollout_settings(cfg)
     k = cfg.rollout_tokens
 
