@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from refine_core.algorithm.grpo import (
+    LOSS_AGG_MODES,
+    aggregate_loss,
     group_advantages,
     kl_penalty,
+    official_micro_batch_loss,
     policy_loss_stats,
     ppo_clip_token_losses,
     token_mean,
@@ -22,18 +25,23 @@ E = math.e
 # ---------------------------------------------------------------------------------------------- advantages
 
 
-def ref_advantages(rewards: list[float], ids: list[int], eps: float = 1e-6, singleton: str = "zero") -> list[float]:
-    """spec §2 step 5, one rollout at a time: A = (R - mean_U) / (std_U + eps), unbiased std."""
+def ref_advantages(
+    rewards: list[float], ids: list[int], eps: float = 1e-6, singleton: str = "zero", norm_by_std: bool = True
+) -> list[float]:
+    """spec §2 step 5, one rollout at a time: A = (R - mean_U) / (std_U + eps), unbiased std (or R - mean_U)."""
     groups: dict[int, list[float]] = {}
     for r, g in zip(rewards, ids, strict=True):
         groups.setdefault(g, []).append(r)
     out = []
     for r, g in zip(rewards, ids, strict=True):
         members = groups[g]
-        if len(members) == 1:
-            out.append(r / (1.0 + eps) if singleton == "official" else 0.0)  # verl: mean 0, std 1
+        mean, std = (0.0, 1.0) if len(members) == 1 else (statistics.fmean(members), statistics.stdev(members))
+        if len(members) == 1 and singleton == "zero":
+            out.append(0.0)
+        elif len(set(members)) == 1 and len(members) > 1:
+            out.append(0.0)  # a constant group: exactly 0
         else:
-            out.append((r - statistics.fmean(members)) / (statistics.stdev(members) + eps))
+            out.append((r - mean) / (std + eps) if norm_by_std else r - mean)  # verl: a singleton has mean 0, std 1
     return out
 
 
@@ -58,19 +66,38 @@ def test_zero_std_groups_and_singletons() -> None:
 
 
 @pytest.mark.parametrize("singleton", ["zero", "official"])
-def test_advantages_match_loop(singleton: str) -> None:
+@pytest.mark.parametrize("norm_by_std", [True, False])
+def test_advantages_match_loop(singleton: str, norm_by_std: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     ids = torch.tensor([7, 3, 7, 100, 3, 3, 42, 7, 5, 5, 5, 5, 11, 3, 7, -1])  # any order; 100, 42, 11, -1 alone
     rewards = torch.rand(len(ids), generator=gen) * 2 - 0.5
-    got = group_advantages(rewards, ids, singleton=singleton)
-    want = ref_advantages(rewards.double().tolist(), ids.tolist(), singleton=singleton)
+    got = group_advantages(rewards, ids, singleton=singleton, norm_by_std=norm_by_std)
+    want = ref_advantages(rewards.double().tolist(), ids.tolist(), singleton=singleton, norm_by_std=norm_by_std)
     torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    # float64 rewards stay float64 and match the loop to rounding.
+    got64 = group_advantages(rewards.double(), ids, singleton=singleton, norm_by_std=norm_by_std)
+    assert got64.dtype == torch.float64
+    torch.testing.assert_close(got64, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-12)
     # M = 8 rollouts per document, documents interleaved: the z-scores of each group have mean 0 and std ≈ 1.
     doc_ids = torch.arange(4).repeat(8)
     adv = group_advantages(torch.rand(32, generator=gen), doc_ids)
     for d in range(4):
         assert abs(float(adv[doc_ids == d].mean())) < 1e-6
         assert float(adv[doc_ids == d].std()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_advantages_without_std_normalisation_hand_computed() -> None:
+    # norm_adv_by_std_in_grpo = False (Dr. GRPO): [1, 2, 6] -> mean 3 -> [-2, -1, 3]; a singleton 0.7 -> 0 ("zero")
+    # or R - 0 = 0.7 ("official": verl's mean 0; there is no std to divide by); a constant group -> 0.
+    rewards = torch.tensor([1.0, 2.0, 6.0, 0.7, 0.5, 0.5], dtype=torch.float64)
+    ids = torch.tensor([0, 0, 0, 1, 2, 2])
+    assert group_advantages(rewards, ids, norm_by_std=False).tolist() == [-2.0, -1.0, 3.0, 0.0, 0.0, 0.0]
+    official = group_advantages(rewards, ids, singleton="official", norm_by_std=False)
+    assert official.tolist() == [-2.0, -1.0, 3.0, 0.7, 0.0, 0.0]
+    # The same rewards with the std: std([1, 2, 6]) = sqrt((4 + 1 + 9) / 2) = sqrt(7).
+    torch.testing.assert_close(
+        group_advantages(rewards, ids)[:3], torch.tensor([-2.0, -1.0, 3.0], dtype=torch.float64) / (7**0.5 + 1e-6)
+    )
 
 
 def test_advantage_errors() -> None:
@@ -88,11 +115,18 @@ def test_advantage_errors() -> None:
 
 
 def ref_ppo(
-    logp: float, old: float, adv: float, eps: float = 0.2, dual: float | None = 3.0
+    logp: float,
+    old: float,
+    adv: float,
+    eps: float = 0.2,
+    dual: float | None = 3.0,
+    low: float | None = None,
+    high: float | None = None,
 ) -> tuple[float, bool, bool]:
-    """spec §2 step 6.3 for one token: (loss, clipped, dual_clipped)."""
+    """spec §2 step 6.3 for one token: (loss, clipped, dual_clipped); verl's clip_ratio_low / high default to ε."""
+    low, high = eps if low is None else low, eps if high is None else high
     ratio = math.exp(min(max(logp - old, -20.0), 20.0))
-    l1, l2 = -adv * ratio, -adv * min(max(ratio, 1 - eps), 1 + eps)
+    l1, l2 = -adv * ratio, -adv * min(max(ratio, 1 - low), 1 + high)
     loss = max(l1, l2)
     dual_clipped = dual is not None and adv < 0 and loss > dual * -adv
     if dual is not None and adv < 0:
@@ -156,20 +190,45 @@ def test_ppo_dual_clip_off_and_custom_bounds() -> None:
 
 
 @pytest.mark.parametrize("dual", [3.0, None])
-def test_ppo_matches_loop(dual: float | None) -> None:
+@pytest.mark.parametrize("bounds", [(None, None), (0.1, 0.28)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ppo_matches_loop(dual: float | None, bounds: tuple, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(5)
-    logp = -torch.rand(9, 5, generator=gen) * 4
-    old = logp + torch.randn(9, 5, generator=gen) * 0.6
-    adv_rows = torch.randn(9, generator=gen) * 2
-    adv_tokens = torch.randn(9, 5, generator=gen)
+    logp = (-torch.rand(9, 5, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    old = logp + (torch.randn(9, 5, generator=gen, dtype=torch.float64) * 0.6).to(dtype)
+    adv_rows = (torch.randn(9, generator=gen, dtype=torch.float64) * 2).to(dtype)
+    adv_tokens = torch.randn(9, 5, generator=gen, dtype=torch.float64).to(dtype)
+    low, high = bounds
+    # float64 is exact to rounding against the loop; float32 inputs give float32 losses.
+    tol = {"rtol": 0, "atol": 1e-12} if dtype == torch.float64 else {}
     for adv in (adv_rows, adv_tokens):
-        terms = ppo_clip_token_losses(logp, old, adv, dual_clip=dual)
+        terms = ppo_clip_token_losses(logp, old, adv, dual_clip=dual, clip_low=low, clip_high=high)
+        assert terms.losses.dtype == dtype
         full = adv[:, None].expand(9, 5) if adv.dim() == 1 else adv
         want = [
-            [ref_ppo(logp[n, i].item(), old[n, i].item(), full[n, i].item(), dual=dual) for i in range(5)]
+            [
+                ref_ppo(logp[n, i].item(), old[n, i].item(), full[n, i].item(), dual=dual, low=low, high=high)
+                for i in range(5)
+            ]
             for n in range(9)
         ]
-        torch.testing.assert_close(terms.losses.double(), torch.tensor([[w[0] for w in row] for row in want]).double())
+        want_losses = torch.tensor([[w[0] for w in row] for row in want], dtype=torch.float64)
+        torch.testing.assert_close(terms.losses.double(), want_losses, **tol)
+        # The token-mean and the statistics keep float64 too (they returned float32 before: off by ~2e-7).
+        mean = token_mean(terms.losses, torch.ones_like(terms.losses))
+        assert mean.dtype == dtype
+        torch.testing.assert_close(mean.double(), want_losses.mean(), **tol)
+        stats = policy_loss_stats(terms, torch.ones_like(terms.losses))
+        pairs = zip(logp.flatten().tolist(), old.flatten().tolist(), strict=True)
+        ratios = [math.exp(min(max(a - b, -20.0), 20.0)) for a, b in pairs]
+        ref_stats = {
+            "ratio_mean": math.fsum(ratios) / 45,
+            "approx_kl": -math.fsum(math.log(r) for r in ratios) / 45,
+            "clip_frac": sum(w[1] for row in want for w in row) / 45,
+            "dual_clip_frac": sum(w[2] for row in want for w in row) / 45,
+        }
+        for name, value in ref_stats.items():
+            assert stats[name] == pytest.approx(value, rel=0, abs=1e-12 if dtype == torch.float64 else 1e-6), name
         assert terms.clipped.tolist() == [[w[1] for w in row] for row in want]
         assert terms.dual_clipped.tolist() == [[w[2] for w in row] for row in want]
         assert 0 < int(terms.clipped.sum()) < 45  # both branches exercised
@@ -183,6 +242,28 @@ def test_ppo_errors() -> None:
         ppo_clip_token_losses(x, x, torch.zeros(2), dual_clip=1.0)
     with pytest.raises(ValueError, match="clip_eps"):
         ppo_clip_token_losses(x, x, torch.zeros(2), clip_eps=0.0)
+    with pytest.raises(ValueError, match=r"clip_low must be in \(0, 1\)"):
+        ppo_clip_token_losses(x, x, torch.zeros(2), clip_low=1.0)
+    with pytest.raises(ValueError, match=r"clip_high must be in \(0, 1\)"):
+        ppo_clip_token_losses(x, x, torch.zeros(2), clip_high=-0.1)
+
+
+def test_ppo_asymmetric_clip_hand_computed() -> None:
+    # clip_ratio_low 0.1, clip_ratio_high 0.3 (DAPO's clip-higher): ρ is clipped to [0.9, 1.3].
+    old = torch.zeros(1, 4)
+    log_ratio = torch.tensor([[math.log(1.25), math.log(1.4), math.log(0.85), math.log(0.95)]])
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    terms = ppo_clip_token_losses(log_ratio, old, adv, clip_low=0.1, clip_high=0.3)
+    # A = 1: ρ 1.25 < 1.3 -> -1.25 (unclipped; symmetric ε = 0.2 would clip it to -1.2); ρ 1.4 -> max(-1.4, -1.3)
+    # = -1.3. A = -1: ρ 0.85 -> max(0.85, 0.9) = 0.9 (clipped); ρ 0.95 -> max(0.95, 0.95) = 0.95.
+    torch.testing.assert_close(terms.losses, torch.tensor([[-1.25, -1.3, 0.9, 0.95]]))
+    assert terms.clipped.tolist() == [[False, True, True, False]]
+    symmetric = ppo_clip_token_losses(log_ratio, old, adv)
+    torch.testing.assert_close(symmetric.losses, torch.tensor([[-1.2, -1.2, 0.85, 0.95]]))
+    # Only one bound given: the other is clip_eps.
+    torch.testing.assert_close(
+        ppo_clip_token_losses(log_ratio, old, adv, clip_high=0.3).losses, torch.tensor([[-1.25, -1.3, 0.85, 0.95]])
+    )
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
@@ -225,6 +306,90 @@ def test_token_mean_micro_batch_invariance() -> None:
     losses = ppo_clip_token_losses(logp[:6], old[:6], adv[:6]).losses
     even = [token_mean(losses[s], full[s]) for s in (slice(0, 2), slice(2, 4), slice(4, 6))]
     torch.testing.assert_close(sum(even) / 3, token_mean(losses, full))
+
+
+def ref_agg_loss(losses: list[list[float]], mask: list[list[int]], mode: str) -> float:
+    """verl 0.5 ``core_algos.agg_loss``, one row and one token at a time (no 1e-8 guard: rows here are non-empty)."""
+    rows = [math.fsum(v * m for v, m in zip(lr, mr, strict=True)) for lr, mr in zip(losses, mask, strict=True)]
+    if mode == "token-mean":
+        return math.fsum(rows) / sum(map(sum, mask))
+    if mode == "seq-mean-token-sum":
+        return math.fsum(rows) / len(rows)
+    if mode == "seq-mean-token-mean":
+        return math.fsum(r / sum(mr) for r, mr in zip(rows, mask, strict=True)) / len(rows)
+    return math.fsum(rows) / len(mask[0])  # seq-mean-token-sum-norm: / the response length, no row count
+
+
+def ref_official_loss(losses: list[list[float]], mask: list[list[int]], mode: str, micro: int) -> float:
+    """The official gradient accumulation: agg_loss per micro-batch of ``micro`` rows, each / n_micro, summed."""
+    parts = [(losses[i : i + micro], mask[i : i + micro]) for i in range(0, len(losses), micro)]
+    return math.fsum(ref_agg_loss(lo, ma, mode) / len(parts) for lo, ma in parts)
+
+
+def test_aggregate_loss_hand_computed() -> None:
+    losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("nan"), 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    # Row sums 6 and 4 over 3 and 1 tokens (the NaN is masked out).
+    assert aggregate_loss(losses, mask, "token-mean").item() == 10 / 4
+    assert aggregate_loss(losses, mask, "seq-mean-token-sum").item() == (6 + 4) / 2
+    assert aggregate_loss(losses, mask, "seq-mean-token-mean").item() == (6 / 3 + 4 / 1) / 2
+    assert aggregate_loss(losses, mask, "seq-mean-token-sum-norm").item() == 10 / 3  # / k, no row count
+    # Fixed denominators: this part of a batch of 8 rows, 20 tokens and horizon 12.
+    assert aggregate_loss(losses, mask, "token-mean", num_tokens=20).item() == 10 / 20
+    assert aggregate_loss(losses, mask, "seq-mean-token-sum", num_sequences=8).item() == 10 / 8
+    assert aggregate_loss(losses, mask, "seq-mean-token-mean", num_sequences=8).item() == 6 / 8
+    assert aggregate_loss(losses, mask, "seq-mean-token-sum-norm", horizon=12).item() == 10 / 12
+    assert aggregate_loss(losses, mask).dtype == torch.float64
+    assert aggregate_loss(losses.float(), mask).dtype == torch.float32
+    assert aggregate_loss(losses.bfloat16(), mask).dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown loss_agg_mode 'token_mean'"):
+        aggregate_loss(losses, mask, "token_mean")
+    with pytest.raises(ValueError, match="num_sequences must be > 0"):
+        aggregate_loss(losses, mask, "seq-mean-token-sum", num_sequences=0)
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_aggregate_loss_matches_verl_loop_and_adds_up_over_parts(mode: str) -> None:
+    gen = torch.Generator().manual_seed(8)
+    losses = torch.randn(10, 5, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(10, 5, generator=gen) > 0.4).long()
+    mask[:, 0] = 1  # every row has a token; rows differ in length
+    want = ref_agg_loss(losses.tolist(), mask.tolist(), mode)
+    torch.testing.assert_close(
+        aggregate_loss(losses, mask, mode), torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-12
+    )
+    # Uneven parts with the whole batch's denominators add up to the whole (for sum-norm: a fixed horizon).
+    counts = {"num_sequences": 10, "num_tokens": int(mask.sum()), "horizon": 5}
+    parts = [slice(0, 3), slice(3, 4), slice(4, 10)]
+    summed = sum(aggregate_loss(losses[s], mask[s], mode, **counts) for s in parts)
+    torch.testing.assert_close(summed, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_official_micro_batch_loss_matches_the_accumulation_loop(mode: str) -> None:
+    gen = torch.Generator().manual_seed(9)
+    losses = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(12, 5, generator=gen) > 0.4).long()
+    mask[:, 0] = 1
+    want = ref_official_loss(losses.tolist(), mask.tolist(), mode, micro=2)
+    # Our memory micro-batches (4 + 8 rows) are cut into official micro-batches of 2 rollouts.
+    got = sum(
+        official_micro_batch_loss(losses[s], mask[s], mode, first_row=s.start, micro_size=2, num_micro_batches=6)
+        for s in (slice(0, 4), slice(4, 12))
+    )
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-12)
+    # With unequal token counts per micro-batch the official value is not the mini-batch aggregate ...
+    whole = aggregate_loss(losses, mask, mode, horizon=5 * 12)
+    if mode in ("token-mean", "seq-mean-token-sum-norm"):  # the seq-mean modes are means over equal row counts
+        assert abs(float(got) - float(whole)) > 1e-6
+    # ... and with full masks it is, except sum-norm, which the official code scales by the micro-batch size.
+    full = torch.ones_like(mask)
+    official = official_micro_batch_loss(losses, full, mode, first_row=0, micro_size=2, num_micro_batches=6)
+    ours = aggregate_loss(losses, full, mode, horizon=5 * 12)
+    factor = 2.0 if mode == "seq-mean-token-sum-norm" else 1.0
+    torch.testing.assert_close(official, factor * ours, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="micro-batch boundary"):
+        official_micro_batch_loss(losses[1:], mask[1:], mode, first_row=1, micro_size=2, num_micro_batches=6)
 
 
 def test_policy_loss_stats() -> None:
