@@ -207,10 +207,29 @@ class RefineConfig(TrainingLoopConfig):
     # rollouts of one prefix). Rewards: ``cosine``, ``exact_match`` or ``hybrid`` (spec §2 step 4).
     grouping: str = "document"
     reward: str = "cosine"
-    # PPO-clip (spec §2 step 6.3): clip ε, dual clip c (null disables), clamp of the log-ratio.
+    # Selection: zero the entropies of pad positions before the centred smoothing, so a left-padded document gets the
+    # same probabilities as unpadded (our fix, spec §10.8); ``false`` smooths over the pads' entropies as the
+    # official code does.
+    zero_pad_entropy: bool = True
+    # GRPO advantages (spec §2 step 5): divide by the group std (norm_adv_by_std_in_grpo; ``false`` only centres, Dr.
+    # GRPO); a group of one rollout gets advantage 0 (``zero``) or, as verl does, mean 0 and std 1 (``official``).
+    norm_adv_by_std_in_grpo: bool = True
+    singleton_advantage: str = "zero"
+    # PPO-clip (spec §2 step 6.3): clip ε (clip_ratio), dual clip c (clip_ratio_c; null disables), clamp of the
+    # log-ratio; asymmetric bounds clip_ratio_low / clip_ratio_high (null: clip_eps).
     clip_eps: float = 0.2
     dual_clip: float | None = 3.0
     log_ratio_clamp: float = 20.0
+    clip_ratio_low: float | None = None
+    clip_ratio_high: float | None = None
+    # Loss aggregation over rollout tokens (loss_agg_mode): token-mean (the paper), seq-mean-token-sum,
+    # seq-mean-token-mean or seq-mean-token-sum-norm. ``loss_scale``: ``mini_batch`` normalises by the counts of the
+    # whole mini-batch, so the memory micro-batch never changes the loss; ``micro_batch`` is the official
+    # gradient accumulation: each micro-batch's mean (micro_batch_size documents for NTP, ppo_micro_batch_size
+    # rollouts for PPO) divided by the number of micro-batches (spec §2 step 6.2-6.3).
+    loss_agg_mode: str = "token-mean"
+    loss_scale: str = "mini_batch"
+    ppo_micro_batch_size: int = 2
     # 𝓛 = ntp_loss_coef · NTP + nsp_loss_coef · PPO (ttt_sft_loss_coef / ttt_ppo_loss_coef) + kl_coef · KL.
     ntp_loss_coef: float = 1.0
     nsp_loss_coef: float = 0.2
@@ -257,6 +276,9 @@ class RefineConfig(TrainingLoopConfig):
             "kl_kind": ("k1", "k2", "k3"),
             "baseline_schedule": ("matched", "official"),
             "engine": ("branch", "faithful"),
+            "singleton_advantage": ("zero", "official"),
+            "loss_agg_mode": ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+            "loss_scale": ("mini_batch", "micro_batch"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -268,6 +290,24 @@ class RefineConfig(TrainingLoopConfig):
             )
         if self.temperature <= 0:
             raise ConfigError("refine.temperature must be > 0 (rollouts are sampled).")
+        for name in ("clip_eps", "clip_ratio_low", "clip_ratio_high"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise ConfigError(
+                    f"refine.{name}={value} must be in (0, 1): the ratio is clipped to [1 - low, 1 + high] "
+                    "(null takes clip_eps)."
+                )
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ConfigError(f"refine.dual_clip={self.dual_clip} must be > 1 (clip_ratio_c), or null to disable it.")
+        if self.ppo_micro_batch_size < 1:
+            raise ConfigError(f"refine.ppo_micro_batch_size={self.ppo_micro_batch_size} must be >= 1.")
+        rollouts_per_micro = self.micro_batch_size * self.num_chunks * self.rollouts_per_position
+        if self.loss_scale == "micro_batch" and rollouts_per_micro % self.ppo_micro_batch_size:
+            raise ConfigError(
+                f"refine.loss_scale=micro_batch splits each memory micro-batch's {rollouts_per_micro} rollouts "
+                f"(micro_batch_size · num_chunks · rollouts_per_position) into official micro-batches of "
+                f"ppo_micro_batch_size={self.ppo_micro_batch_size}; make it a divisor of {rollouts_per_micro}."
+            )
         if min(self.ntp_loss_coef, self.nsp_loss_coef, self.kl_coef) < 0:
             raise ConfigError("refine loss coefficients must be >= 0.")
 

@@ -97,6 +97,14 @@ def test_type_errors(override: str, fragment: str) -> None:
         ("tracking.backend=wandb", "tracking.backend='wandb'"),
         ("model.arch=transformer", "model.arch='transformer'"),
         ("data.max_tokens=10", "data.max_tokens=10 is smaller"),
+        ("refine.loss_agg_mode=token_mean", r"refine.loss_agg_mode='token_mean'; use one of token-mean, "),
+        ("refine.loss_scale=batch", "refine.loss_scale='batch'; use one of mini_batch, micro_batch"),
+        ("refine.singleton_advantage=one", "refine.singleton_advantage='one'"),
+        ("refine.clip_ratio_low=1.0", r"refine.clip_ratio_low=1.0 must be in \(0, 1\)"),
+        ("refine.clip_ratio_high=0", r"refine.clip_ratio_high=0(.0)? must be in \(0, 1\)"),
+        ("refine.clip_eps=1.5", r"refine.clip_eps=1.5 must be in \(0, 1\)"),
+        ("refine.dual_clip=0.5", "refine.dual_clip=0.5 must be > 1"),
+        ("refine.ppo_micro_batch_size=0", "refine.ppo_micro_batch_size=0 must be >= 1"),
     ],
 )
 def test_invalid_values(override: str, fragment: str) -> None:
@@ -229,3 +237,21 @@ def test_scale_configs_build_on_meta_with_exact_parameter_count(name: str) -> No
     )
     assert (r.reward, r.lr, r.engine, r.ntp_loss_coef, r.nsp_loss_coef) == ("cosine", 1e-6, "branch", 1.0, 0.2)
     assert r.micro_batch_size == (1 if name.startswith("delta_net-1.3b") else 2)
+
+
+def test_official_micro_batch_scale_needs_aligned_micro_batches() -> None:
+    # 2 documents · 8 chunks · 1 rollout = 16 rollouts per memory micro-batch: official micro-batches of 3 straddle.
+    with pytest.raises(ConfigError, match="ppo_micro_batch_size=3; make it a divisor of 16"):
+        load_config(None, ["refine.loss_scale=micro_batch", "refine.ppo_micro_batch_size=3"])
+    cfg = load_config(None, ["refine.loss_scale=micro_batch", "refine.ppo_micro_batch_size=4"])
+    assert cfg.refine.ppo_micro_batch_size == 4
+    # Unused (ignored) under the default mini_batch scale.
+    assert load_config(None, ["refine.ppo_micro_batch_size=3"]).refine.loss_scale == "mini_batch"
+
+
+def test_config_modes_match_the_algorithm() -> None:
+    from refine_core.algorithm.grpo import LOSS_AGG_MODES
+    from refine_core.config import RefineConfig
+
+    for mode in LOSS_AGG_MODES:
+        assert RefineConfig(loss_agg_mode=mode).loss_agg_mode == mode

@@ -37,11 +37,12 @@ from contextlib import AbstractContextManager
 import torch
 
 from refine_core.algorithm.grpo import (
+    aggregate_loss,
     group_advantages,
     kl_penalty,
+    official_micro_batch_loss,
     policy_loss_stats,
     ppo_clip_token_losses,
-    token_mean,
 )
 from refine_core.algorithm.rewards import RewardBreakdown, compute_rewards
 from refine_core.algorithm.rollout import (
@@ -114,17 +115,20 @@ def ntp_only_step(
         total = sync.total_count(_ntp_count(group, pad_id, cfg.mask_pad_in_loss))
         loss_sum = 0.0
         starts = range(0, len(group), cfg.micro_batch_size)
+        scale = _LossScale(cfg, sync, pad_id, n_rows=len(group), rollouts_per_doc=0, n_micro=len(starts))
         for mlo in starts:
-            ids, mask = left_pad(group[mlo : mlo + cfg.micro_batch_size], pad_id)
+            micro_docs = group[mlo : mlo + cfg.micro_batch_size]
+            ids, mask = left_pad(micro_docs, pad_id)
             ids, mask = ids.to(device), mask.to(device)
             with sync.accumulate(last=mlo == starts[-1]):
                 with autocast():
                     part = sync.forward(_ntp_micro_sum, model, ids, mask, cfg.mask_pad_in_loss)
-                sync.scale(cfg.ntp_loss_coef * part / max(total, 1)).backward()
-            loss_sum += float(part.detach())
+                ntp = scale.ntp(part, micro_docs=micro_docs, mini_total=total)
+                sync.scale(cfg.ntp_loss_coef * ntp).backward()
+            loss_sum += float(ntp.detach())
         (loss_sum,) = sync.total(loss_sum)
         grad_norm, took = clip_and_step(model, optimizer, cfg.grad_clip)
-        losses.append(loss_sum / max(total, 1))
+        losses.append(loss_sum)
         norms.append(grad_norm)
         skipped += not took
     return {
@@ -184,6 +188,7 @@ def refine_step(
             step=step,
             pad_id=pad_id,
             micro_batch_size=cfg.micro_batch_size,
+            zero_pad_entropy=cfg.zero_pad_entropy,
         )
     mini = cfg.mini_batch_size // sync.world_size  # this rank's documents per optimizer step
     # The branch engine samples the first mini-batch's rollouts inside its policy pass (exact: no update yet).
@@ -221,6 +226,7 @@ def refine_step(
             ntp_total = sync.total_count(_ntp_count([positions.docs[b] for b in rows], pad_id, cfg.mask_pad_in_loss))
             rollout_total = sync.total_count(len(rows) * m_g * k)
             starts = range(0, len(rows), cfg.micro_batch_size)
+            scale = _LossScale(cfg, sync, pad_id, n_rows=len(rows), rollouts_per_doc=m_g, n_micro=len(starts))
             for mlo in starts:
                 micro = rows[mlo : mlo + cfg.micro_batch_size]
                 with sync.accumulate(last=mlo == starts[-1]):
@@ -249,18 +255,21 @@ def refine_step(
                         clip_eps=cfg.clip_eps,
                         dual_clip=cfg.dual_clip,
                         log_ratio_clamp=cfg.log_ratio_clamp,
+                        clip_low=cfg.clip_ratio_low,
+                        clip_high=cfg.clip_ratio_high,
                     )
+                    # Every rollout has k tokens: EOS cannot end one early (spec §2 step 2: the mask is all ones).
                     ones = torch.ones_like(terms.losses)
-                    # Global token counts of the mini-batch: micro-batch losses add up to the mini-batch loss.
-                    ppo = token_mean(terms.losses, ones, total_tokens=rollout_total)
-                    loss = cfg.ntp_loss_coef * ntp_sum / max(ntp_total, 1) + cfg.nsp_loss_coef * ppo
+                    ppo = scale.ppo(terms.losses, ones, first_row=(micro[0] - lo) * m_g)
+                    ntp = scale.ntp(ntp_sum, micro_docs=[positions.docs[b] for b in micro], mini_total=ntp_total)
+                    loss = cfg.ntp_loss_coef * ntp + cfg.nsp_loss_coef * ppo
                     if ref_logp is not None:
                         kl = kl_penalty(logp, ref_logp[sel].to(device), cfg.kl_kind)
                         loss = loss + cfg.kl_coef * kl.sum() / rollout_total
                         sums["refine/kl"] += float(kl.detach().sum()) / rollout_total
                     with timer("time/backward_s"):
                         sync.scale(loss).backward()
-                sums["refine/ntp_loss"] += float(ntp_sum.detach()) / max(ntp_total, 1)
+                sums["refine/ntp_loss"] += float(ntp.detach())
                 sums["refine/nsp_loss"] += float(ppo.detach())
                 stats.append({**policy_loss_stats(terms, ones), "tokens": float(ones.sum())})
             grad_norm, took = clip_and_step(model, optimizer, cfg.grad_clip)
@@ -295,6 +304,47 @@ def refine_step(
         }
     )
     return metrics
+
+
+class _LossScale:
+    """How one mini-batch's micro-batch losses are normalised (``refine.loss_scale``, spec §2 step 6.2-6.3).
+
+    ``mini_batch`` (ours): every micro-batch divides by the counts of the whole mini-batch (summed over ranks), so
+    the micro-batch losses add up to the mini-batch's NTP token-mean and PPO ``loss_agg_mode`` value whatever the
+    memory micro-batch. ``micro_batch`` (official): each micro-batch's own mean, divided by the number of
+    micro-batches; the two agree when every micro-batch holds the same number of tokens, which for the NTP term
+    needs documents of equal length.
+    """
+
+    def __init__(
+        self, cfg: RefineConfig, sync: ReplicaSync, pad_id: int, *, n_rows: int, rollouts_per_doc: int, n_micro: int
+    ):
+        self.cfg, self.pad_id = cfg, pad_id
+        k = cfg.rollout_tokens
+        self.sequences = sync.total_count(n_rows * rollouts_per_doc)
+        self.tokens = self.sequences * k
+        if cfg.loss_scale == "micro_batch":
+            self.ntp_micro = sync.total_count(n_micro)
+            self.ppo_micro = sync.total_count(-(-n_rows * rollouts_per_doc // cfg.ppo_micro_batch_size))
+
+    def ppo(self, losses: torch.Tensor, mask: torch.Tensor, *, first_row: int) -> torch.Tensor:
+        mode, k = self.cfg.loss_agg_mode, self.cfg.rollout_tokens
+        if self.cfg.loss_scale == "micro_batch":
+            return official_micro_batch_loss(
+                losses, mask, mode, first_row=first_row, micro_size=self.cfg.ppo_micro_batch_size,
+                num_micro_batches=self.ppo_micro,
+            )
+        # seq-mean-token-sum-norm: Dr. GRPO's (1/N) Σ_i Σ_t ℓ / k; verl 0.5 leaves the 1/N out, so its value grows
+        # with the micro-batch size (loss_scale: micro_batch reproduces that).
+        return aggregate_loss(
+            losses, mask, mode, num_sequences=self.sequences, num_tokens=self.tokens, horizon=k * self.sequences
+        )
+
+    def ntp(self, ntp_sum: torch.Tensor, *, micro_docs: Sequence[torch.Tensor], mini_total: int) -> torch.Tensor:
+        if self.cfg.loss_scale == "micro_batch":
+            own = _ntp_count(micro_docs, self.pad_id, self.cfg.mask_pad_in_loss)
+            return ntp_sum / max(own, 1) / self.ntp_micro
+        return ntp_sum / max(mini_total, 1)
 
 
 def _rewards(cfg: RefineConfig, rollouts: Rollouts) -> RewardBreakdown:

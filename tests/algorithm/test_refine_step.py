@@ -295,3 +295,46 @@ def test_policy_pass_ntp_sum_equals_a_plain_ntp_loss():
 def test_seeds_are_stable_and_distinct():
     assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3)
     assert len({derive_seed(0, s, d) for s in range(20) for d in range(20)}) == 400
+
+
+@pytest.mark.parametrize(
+    "overrides,factor",
+    [
+        ({"loss_agg_mode": "seq-mean-token-mean"}, 1.0),
+        ({"loss_agg_mode": "seq-mean-token-sum"}, 3.0),  # k = 3 tokens per rollout: a token sum is k token means
+        ({"loss_agg_mode": "seq-mean-token-sum-norm"}, 1.0),  # Dr. GRPO: (1/N) Σ_i Σ_t ℓ / k
+        ({"loss_scale": "micro_batch"}, 1.0),  # every official micro-batch of 2 rollouts holds 2·k tokens
+        ({"loss_scale": "micro_batch", "loss_agg_mode": "seq-mean-token-sum-norm"}, 2.0),  # verl: × micro size
+        ({"loss_scale": "micro_batch", "ppo_micro_batch_size": 3, "loss_agg_mode": "seq-mean-token-sum"}, 3.0),
+    ],
+)
+def test_loss_aggregation_options_scale_the_ppo_gradient(overrides, factor):
+    """Every rollout has k tokens, so each mode is a fixed multiple of the token-mean (NSP term alone, SGD at lr 1)."""
+    docs = make_docs(10)
+    base = dict(ntp_loss_coef=0.0, mini_batch_size=4, micro_batch_size=2)  # one optimizer step, two micro-batches
+    g_ref, m_ref = sgd_step("delta_net", small_cfg(**base), docs)
+    g_opt, m_opt = sgd_step("delta_net", small_cfg(**base, **overrides), docs)
+    assert m_opt["refine/nsp_loss"] == pytest.approx(factor * m_ref["refine/nsp_loss"], rel=1e-9, abs=1e-13)
+    for name in g_ref:
+        torch.testing.assert_close(g_opt[name], factor * g_ref[name], rtol=1e-8, atol=1e-11, msg=name)
+
+
+def test_official_micro_batch_scale_of_the_ntp_term():
+    """``loss_scale: micro_batch`` averages the per-micro-batch CE means (official); ours is the mini-batch mean."""
+    docs = make_docs(11)  # lengths 64, 71, 58, 80: micro-batches of 2 hold 133 and 136 targets
+    cfg = small_cfg(nsp_loss_coef=0.0, loss_scale="micro_batch")
+    grads, metrics = sgd_step("delta_net", cfg, docs)
+
+    model = tiny_model("delta_net").train()
+    sums = [
+        torch.nn.functional.cross_entropy(model(d[None]).logits[0, :-1], d[1:], reduction="sum") for d in docs
+    ]
+    counts = [d.numel() - 1 for d in docs]
+    official = ((sums[0] + sums[1]) / (counts[0] + counts[1]) + (sums[2] + sums[3]) / (counts[2] + counts[3])) / 2
+    ours = sum(sums) / sum(counts)
+    assert abs(float(official.detach() - ours.detach())) > 1e-6  # the normalisations differ on these documents
+    assert metrics["refine/ntp_loss"] == pytest.approx(float(official.detach()), rel=1e-9)
+    reference = torch.autograd.grad(official, list(model.parameters()), allow_unused=True)
+    for (name, _), want in zip(model.named_parameters(), reference, strict=True):
+        want = torch.zeros_like(grads[name]) if want is None else want
+        torch.testing.assert_close(grads[name], want, rtol=1e-7, atol=1e-10, msg=name)
