@@ -127,8 +127,14 @@ def score_positions(
     step: int,
     pad_id: int,
     micro_batch_size: int,
+    zero_pad_entropy: bool = True,
 ) -> PositionBatch:
-    """Step 0-1 and the targets of step 4: the entropy pass, the chosen cut points, the true continuations."""
+    """Step 0-1 and the targets of step 4: the entropy pass, the chosen cut points, the true continuations.
+
+    ``zero_pad_entropy`` (``refine.zero_pad_entropy``): zero the pads' entropies before the centred smoothing, so a
+    document's positions do not depend on how much it was padded; ``False`` smooths over the pads' own entropies as
+    the official code does (spec §10.8), which moves the probabilities of the first ``window // 2`` real positions.
+    """
     k = rollout_tokens
     starts, tgt_tokens, tgt_hidden, chosen, doc_entropy = [], [], [], [], []
     device = model.device
@@ -137,11 +143,10 @@ def score_positions(
         ids, mask = left_pad(chunk, pad_id)
         ids, mask = ids.to(device), mask.to(device)
         entropy, hidden = _entropies_and_hidden(model, ids, mask)
-        # Zero the pads so that the centred average sees the same zeros as for an unpadded document (spec §10.8).
-        entropy = entropy * mask
         gens = [doc_generator(seed, step, doc_ids[lo + i]) for i in range(len(chunk))]
         picked = select_positions(
-            entropy.cpu(), mask.cpu(), num_chunks, mode=selection, window=entropy_window, margin=margin, generators=gens
+            entropy.cpu(), mask.cpu(), num_chunks, mode=selection, window=entropy_window, margin=margin,
+            generators=gens, zero_pad_entropy=zero_pad_entropy,
         )
         width = ids.shape[1]
         for i, doc in enumerate(chunk):

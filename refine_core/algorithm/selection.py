@@ -32,6 +32,8 @@ class SelectedPositions:
         chosen_entropy: ``[B, M]`` float32, the raw entropy at the chosen position chunk_start + offset (= r_j - 1
             before the clamp).
         clamped: ``[B, M]`` bool, whether the margin clamp moved r_j away from chunk_start + offset + 1.
+        chunk_probs: ``[B, M, C]`` float64, the distribution τ_j was drawn from (C = the longest chunk; 0 past a
+            chunk's end); ``None`` in the deterministic modes.
     """
 
     rollout_start: torch.Tensor
@@ -39,6 +41,7 @@ class SelectedPositions:
     offset: torch.Tensor
     chosen_entropy: torch.Tensor
     clamped: torch.Tensor
+    chunk_probs: torch.Tensor | None = None
 
 
 def smooth_entropy(entropy: torch.Tensor, window: int) -> torch.Tensor:
@@ -120,6 +123,7 @@ def select_positions(
     window: int = 5,
     margin: int = 20,
     generators: Sequence[torch.Generator] | None = None,
+    zero_pad_entropy: bool = True,
 ) -> SelectedPositions:
     """Choose one rollout start per chunk of each left-padded document (spec §2 steps 1.1-1.4).
 
@@ -145,6 +149,9 @@ def select_positions(
         margin: minimum number of real prefix tokens and of tokens after the rollout start.
         generators: one generator per document for ``"entropy"``/``"uniform"``; ``None`` uses torch's global
             generator (reproducible but not batch-invariant).
+        zero_pad_entropy: treat the pads' entropies as 0 before smoothing (default), so the first ``window // 2``
+            real positions of a left-padded row see the same zeros as an unpadded document's; ``False`` smooths the
+            row as given, over the pads' own entropies, as the official code does (spec §10.8).
 
     Returns:
         :class:`SelectedPositions` with ``[B, M]`` fields.
@@ -177,9 +184,12 @@ def select_positions(
     index = torch.where(in_chunk, chunk_start[:, :, None] + steps, 0)  # [B, M, C]; 0 = any valid filler
 
     raw = entropy.float() if entropy.dtype != torch.float64 else entropy
-    # spec §2 step 1.1: smoothing only in "entropy" mode. Like the official code we average the row as given, so pad
-    # entropies (and the zero padding) leak into the first K//2 real positions of a left-padded row (spec §10.8);
-    # callers that want a pad-free average pass entropies with pads zeroed. Pads themselves are never gathered.
+    # spec §2 step 1.1: smoothing only in "entropy" mode. The official code averages the row as given, so the pads'
+    # entropies leak into the first K//2 real positions of a left-padded row and a document's positions depend on
+    # how much its batch padded it (spec §10.8). We zero them first (a deliberate fix; ``zero_pad_entropy=False``
+    # is the official behaviour). Pads themselves are never gathered either way.
+    if zero_pad_entropy:
+        raw = raw * (attention_mask != 0)
     source = smooth_entropy(raw, window) if mode == "entropy" else raw
     scores = source.gather(1, index.reshape(batch, -1)).reshape(index.shape)  # [B, M, C]
     finite = torch.isfinite(scores) | ~in_chunk
@@ -188,6 +198,7 @@ def select_positions(
         raise ValueError(f"document {bad} has non-finite entropies inside its chunks; check the entropy forward pass.")
 
     # spec §2 step 1.3
+    probs = None
     if mode == "argmax":
         offset = scores.masked_fill(~in_chunk, float("-inf")).argmax(dim=-1)  # first index on ties
     elif mode == "argmin":
@@ -211,4 +222,5 @@ def select_positions(
         offset=offset,
         chosen_entropy=raw.gather(1, chosen).float(),
         clamped=rollout_start != unclamped,
+        chunk_probs=probs,
     )

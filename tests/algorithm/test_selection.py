@@ -27,12 +27,15 @@ def ref_select(
     window: int,
     margin: int,
     generators: list[torch.Generator] | None,
+    zero_pad_entropy: bool = True,
 ) -> list[list[tuple[int, int, int]]]:
     """Per document, per chunk: (rollout_start, chunk_start, offset), one document and one chunk at a time."""
     seq_len = entropy.shape[1]
     out = []
     for b in range(entropy.shape[0]):
         row, real = entropy[b].double().tolist(), mask[b].tolist()
+        if zero_pad_entropy:  # ours; the official code smooths the pads' entropies as they are (spec §10.8)
+            row = [h if m else 0.0 for h, m in zip(row, real, strict=True)]
         s0, length = real.index(1), sum(real)
         c = length // num_chunks
         source = ref_smooth(row, window) if mode == "entropy" else row
@@ -101,8 +104,9 @@ def test_smooth_entropy_hand_values_and_bf16() -> None:
 @pytest.mark.parametrize("mode", SELECTION_MODES)
 @pytest.mark.parametrize("num_chunks,window,margin", [(3, 5, 4), (4, 2, 1), (7, 4, 0), (5, 1, 9)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("zero_pads", [True, False])
 def test_select_positions_matches_loop(
-    mode: str, num_chunks: int, window: int, margin: int, dtype: torch.dtype
+    mode: str, num_chunks: int, window: int, margin: int, dtype: torch.dtype, zero_pads: bool
 ) -> None:
     pads, seq_len = [0, 3, 10, 17, 30, 1], 97  # odd lengths 97, 94, 87, 80, 67, 96: M rarely divides L
     gen = torch.Generator().manual_seed(1234 + num_chunks)
@@ -113,8 +117,9 @@ def test_select_positions_matches_loop(
     mask = left_padded_mask(pads, seq_len)
     seeds = [11 * b + num_chunks for b in range(len(pads))]
     stochastic = mode in STOCHASTIC
-    got = select_positions(entropy, mask, num_chunks, mode, window, margin, generators(seeds) if stochastic else None)
-    want = ref_select(entropy, mask, num_chunks, mode, window, margin, generators(seeds) if stochastic else None)
+    gens = (lambda: generators(seeds)) if stochastic else (lambda: None)
+    got = select_positions(entropy, mask, num_chunks, mode, window, margin, gens(), zero_pad_entropy=zero_pads)
+    want = ref_select(entropy, mask, num_chunks, mode, window, margin, gens(), zero_pad_entropy=zero_pads)
     assert as_triples(got) == want
     # The chosen (pre-clamp) position is always a real token, and so is the last prefix token.
     chosen = got.chunk_start + got.offset
@@ -244,3 +249,33 @@ def test_global_generator_is_reproducible() -> None:
     first = select_positions(entropy, mask, 4, margin=2).rollout_start
     torch.manual_seed(42)
     assert torch.equal(select_positions(entropy, mask, 4, margin=2).rollout_start, first)
+
+
+def test_pad_entropy_smoothing_flag_on_a_left_padded_row() -> None:
+    # One row, 3 pads with entropy 6 each, then 12 real tokens of entropy 1; M = 2 chunks of 6, window K = 5.
+    # Zeroed pads: the smoothed real entropies of chunk 0 are (0+0+1+1+1)/5 = 0.6, (0+1+1+1+1)/5 = 0.8, then 1.0.
+    # Official (pads as given): the first two real positions average in two and one pad entropies:
+    # (6+6+1+1+1)/5 = 3.0 and (6+1+1+1+1)/5 = 2.0, then 1.0. Chunk 1 is the same either way.
+    mask = left_padded_mask([3], 15)
+    entropy = torch.where(mask.bool(), 1.0, 6.0).double()
+    ours = select_positions(entropy, mask, 2, "entropy", window=5, margin=1, generators=generators([0]))
+    official = select_positions(
+        entropy, mask, 2, "entropy", window=5, margin=1, generators=generators([0]), zero_pad_entropy=False
+    )
+
+    def softmax(scores: list[float]) -> list[float]:
+        weights = [math.exp(v) for v in scores]
+        return [w / sum(weights) for w in weights]
+
+    want_ours = torch.tensor(softmax([0.6, 0.8, 1, 1, 1, 1]), dtype=torch.float64)
+    want_official = torch.tensor(softmax([3.0, 2.0, 1, 1, 1, 1]), dtype=torch.float64)
+    torch.testing.assert_close(ours.chunk_probs[0, 0], want_ours)
+    torch.testing.assert_close(official.chunk_probs[0, 0], want_official)
+    # Chunk 1 (real tokens 6..11; the last real position's window runs past the row end): the same in both.
+    torch.testing.assert_close(ours.chunk_probs[0, 1], official.chunk_probs[0, 1], rtol=0, atol=0)
+    # Ours gives the padded row the probabilities of the same document unpadded; the official smoothing does not.
+    alone = select_positions(entropy[:, 3:], mask[:, 3:], 2, "entropy", window=5, margin=1, generators=generators([0]))
+    torch.testing.assert_close(ours.chunk_probs, alone.chunk_probs, rtol=0, atol=0)
+    assert not torch.allclose(official.chunk_probs, alone.chunk_probs)
+    # Deterministic modes read the raw entropies (never smoothed) and draw nothing.
+    assert select_positions(entropy, mask, 2, "argmax", margin=1).chunk_probs is None
