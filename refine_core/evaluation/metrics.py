@@ -12,6 +12,8 @@ Sources the behaviour is copied from (reference, not code):
 * REFINE ``verl/verl/utils/reward_score/longbench.py`` (spec §5.3): the 50 TREC labels in :data:`TREC_CLASSES`
   (same set as the ``Type:`` labels of the few-shot examples in ``trec_16384.parquet``) and the
   ``fallback="refine"`` branch of :func:`code_sim_score` (spec §10.17).
+* fuzzywuzzy 0.18.0 ``fuzz.ratio`` and its ``utils`` decorators, as installed in the official REFINE environment
+  (no python-Levenshtein, so ``difflib``): :func:`difflib_ratio`, the default similarity of :func:`code_sim_score`.
 * REFINE ``verl/verl/utils/reward_score/ruler.py`` (spec §5.1) for :func:`ruler_qa_score`, and lm-evaluation-harness
   ``tasks/ruler/common_utils.py`` for :func:`ruler_clean`, :func:`string_match_all` and :func:`string_match_part`
   (spec §5.2).
@@ -24,16 +26,27 @@ Verified library behaviour (see ``tests/evaluation/test_metrics.py``):
   1 - 5e-9, not exactly 1. It raises on empty / dot-only text and can hit Python's recursion limit on a
   "sentence" of ~1000+ words (its LCS back-trace is recursive); LongBench's bare ``except`` turns all of these into
   0.0 and so does :func:`rouge_l_score`.
-* ``thefuzz.fuzz.ratio`` (rapidfuzz backend) is ``int(round(100 * indel_similarity))``, as fuzzywuzzy with
-  python-Levenshtein was; both give 100 for two empty strings and 0 when exactly one is empty. At exact .5 ties the
-  two can differ by one point, because rapidfuzz computes ``1 - d / L`` (0.42500000000000004 for d=46, L=80 -> 43)
-  where python-Levenshtein < 0.20 computed ``(L - d) / L`` (0.425 -> round-half-even 42). fuzzywuzzy *without*
-  python-Levenshtein falls back to ``difflib.SequenceMatcher``, a different similarity (e.g. "ccbcaa" vs
-  "cbcbbbcc": difflib 43, indel 57); LongBench's requirements do not pin which one its published numbers used.
+* Code edit similarity (spec §5.3, §10.17). The official REFINE environment pins ``fuzzywuzzy==0.18.0`` without
+  ``python-Levenshtein``, so its ``fuzz.ratio(line, gold)`` is fuzzywuzzy's pure-Python fallback,
+  ``int(round(100 * difflib.SequenceMatcher(None, line, gold).ratio()))`` (round-half-even) behind three decorators
+  (None -> 0, equal strings -> 100 even when both are empty, one empty string -> 0). The paper's lcc / repobench-p
+  numbers were computed that way, hence :func:`difflib_ratio` is the default of :func:`code_sim_score`.
+  SequenceMatcher's automatic junk heuristic applies when the *gold* has 200 or more characters: every character
+  occurring more than ``1 + len(gold) // 100`` times in it ("popular": spaces, common letters, ...) is left out of
+  the index the matcher searches, so it only matches next to a match of a rarer character or at the very start of
+  a still unmatched stretch. Long lines can then score far below their edit similarity (the 200-character
+  "AB = (0, 0, ..., 0)" vs "AB = [0, 0, ..., 0]": difflib 2, indel 99). Shorter lines differ less but still do
+  ("ccbcaa" vs "cbcbbbcc": difflib 43, indel 57).
+* :func:`indel_ratio` (``similarity="indel"``) is ``thefuzz.fuzz.ratio`` (rapidfuzz backend),
+  ``int(round(100 * indel_similarity))``, as fuzzywuzzy *with* python-Levenshtein was; both give 100 for two empty
+  strings and 0 when exactly one is empty. At exact .5 ties the two can differ by one point, because rapidfuzz
+  computes ``1 - d / L`` (0.42500000000000004 for d=46, L=80 -> 43) where python-Levenshtein < 0.20 computed
+  ``(L - d) / L`` (0.425 -> round-half-even 42).
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import string
@@ -60,6 +73,7 @@ TREC_CLASSES: tuple[str, ...] = (
 )
 
 CodeSimFallback = Literal["longbench", "refine"]
+CodeSimSimilarity = Literal["difflib", "indel"]
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -132,9 +146,63 @@ def classification_score(prediction: str, ground_truth: str, all_classes: Sequen
     return 0.0
 
 
-def code_sim_score(prediction: str, ground_truth: str, fallback: CodeSimFallback = "longbench") -> float:
-    """LongBench code edit similarity: ``fuzz.ratio(line, gold) / 100`` (thefuzz) on the first line of the
-    prediction (after stripping leading newlines) that contains none of "`", "#", "//" (spec §5.3).
+def difflib_ratio(a: str | None, b: str | None) -> int:
+    """fuzzywuzzy 0.18.0's ``fuzz.ratio(a, b)`` without python-Levenshtein: the similarity the official REFINE
+    environment scored lcc / repobench-p with (spec §5.3, §10.17), from the standard library only.
+
+    The decorators of ``fuzz.ratio`` apply in their order: None -> 0 (``check_for_none``), ``a == b`` -> 100
+    (``check_for_equivalence``, so two empty strings give 100), either empty -> 0 (``check_empty_string``). Then
+    ``difflib.SequenceMatcher(None, a, b)`` with its default ``autojunk=True``: when ``b`` (the gold) has 200 or more
+    characters, its characters occurring more than ``1 + len(b) // 100`` times only match by extending a match of a
+    rarer one (or at the start of a still unmatched stretch), so the order of the arguments matters.
+
+    Args:
+        a: the scored line (fuzzywuzzy's ``s1``).
+        b: the gold line (``s2``, the one autojunk looks at).
+
+    Returns:
+        ``round(100 * 2 * M / (len(a) + len(b)))`` with M the characters in SequenceMatcher's matching blocks,
+        rounded half to even as Python 3's ``round`` does (12.5 -> 12), an int in [0, 100].
+    """
+    if a is None or b is None:
+        return 0
+    if a == b:
+        return 100
+    if not a or not b:
+        return 0
+    # fuzzywuzzy's utils.intr is int(round(n)); Python 3's round already returns an int (and rounds half to even).
+    return round(100 * difflib.SequenceMatcher(None, a, b).ratio())
+
+
+def indel_ratio(a: str, b: str) -> int:
+    """``thefuzz.fuzz.ratio(a, b)`` (rapidfuzz backend): ``round(100 * (1 - d / (len(a) + len(b))))`` with d the
+    insertions + deletions turning ``a`` into ``b``; 100 for two equal strings (also empty ones), 0 when exactly one
+    is empty. Not what the paper's numbers used (see :func:`difflib_ratio`); kept for comparison with thefuzz-based
+    LongBench scorers.
+
+    Args:
+        a: the scored line.
+        b: the gold line (the score is symmetric).
+
+    Returns:
+        An int in [0, 100].
+    """
+    from thefuzz import fuzz
+
+    return fuzz.ratio(a, b)
+
+
+_CODE_SIM_SIMILARITIES: dict[str, Callable[[str, str], int]] = {"difflib": difflib_ratio, "indel": indel_ratio}
+
+
+def code_sim_score(
+    prediction: str,
+    ground_truth: str,
+    fallback: CodeSimFallback = "longbench",
+    similarity: CodeSimSimilarity = "difflib",
+) -> float:
+    """LongBench code edit similarity: ``fuzz.ratio(line, gold) / 100`` on the first line of the prediction (after
+    stripping leading newlines) that contains none of "`", "#", "//" (spec §5.3).
 
     Args:
         prediction: the raw generation (LongBench applies no other post-processing to lcc / repobench-p).
@@ -142,20 +210,31 @@ def code_sim_score(prediction: str, ground_truth: str, fallback: CodeSimFallback
         fallback: what to score when no line qualifies (spec §10.17): ``"longbench"`` scores "" (original
             LongBench), ``"refine"`` scores the whole, unmodified prediction (the official REFINE scorer, whose
             loop assigns the qualifying line to the response variable and otherwise leaves the response as is).
+        similarity: which ``fuzz.ratio``: ``"difflib"`` (default, :func:`difflib_ratio`: fuzzywuzzy 0.18.0 without
+            python-Levenshtein, as in the official REFINE environment that produced the paper's numbers) or
+            ``"indel"`` (:func:`indel_ratio`: thefuzz / rapidfuzz). They differ most on gold lines of 200+
+            characters, where difflib's autojunk heuristic applies (see the module docstring).
 
     Returns:
         The similarity in [0, 1], in steps of 0.01.
-    """
-    from thefuzz import fuzz
 
+    Raises:
+        ValueError: unknown ``fallback`` or ``similarity``.
+    """
     if fallback not in ("longbench", "refine"):
         raise ValueError(f"code_sim_score fallback={fallback!r}; use 'longbench' (score '') or 'refine' (whole text).")
+    ratio = _CODE_SIM_SIMILARITIES.get(similarity)
+    if ratio is None:
+        raise ValueError(
+            f"code_sim_score similarity={similarity!r}; use 'difflib' (fuzzywuzzy 0.18.0 without python-Levenshtein, "
+            "the paper's numbers) or 'indel' (thefuzz / rapidfuzz)."
+        )
     line = "" if fallback == "longbench" else prediction
     for candidate in prediction.lstrip("\n").split("\n"):
         if "`" not in candidate and "#" not in candidate and "//" not in candidate:
             line = candidate
             break
-    return fuzz.ratio(line, ground_truth) / 100
+    return ratio(line, ground_truth) / 100
 
 
 def ruler_clean(prediction: str) -> str:

@@ -75,6 +75,9 @@ class TaskSpec:
         in_paper_table: one of the 12 LongBench columns of Table C (spec §5.3).
         code_sim_fallback: for ``code_sim`` only: ``refine`` (the official REFINE scorer, which produced the paper's
             numbers) or ``longbench`` (original LongBench), spec §10.17.
+        code_sim_similarity: for ``code_sim`` only: ``difflib`` (fuzzywuzzy 0.18.0 without python-Levenshtein, the
+            official REFINE environment, which produced the paper's numbers) or ``indel`` (thefuzz / rapidfuzz), spec
+            §5.3; see :func:`refine_core.evaluation.metrics.difflib_ratio`.
     """
 
     name: str
@@ -85,6 +88,7 @@ class TaskSpec:
     metric: MetricName
     in_paper_table: bool = False
     code_sim_fallback: metrics.CodeSimFallback = "refine"
+    code_sim_similarity: metrics.CodeSimSimilarity = "difflib"
 
     def postprocess(self, text: str) -> str:
         """The spec §5 post-processing of a raw generation (before the metric)."""
@@ -105,7 +109,9 @@ class TaskSpec:
         elif self.metric == "classification":
             one, prediction = metrics.classification_score, prediction.strip()
         elif self.metric == "code_sim":
-            one = partial(metrics.code_sim_score, fallback=self.code_sim_fallback)
+            one = partial(
+                metrics.code_sim_score, fallback=self.code_sim_fallback, similarity=self.code_sim_similarity
+            )
         else:
             raise ValueError(f"task {self.name!r} has unknown metric {self.metric!r}; see TaskSpec.metric.")
         return metrics.max_over_answers(one, prediction, answers)
@@ -165,15 +171,21 @@ RULER_QA_TASKS: tuple[str, ...] = tuple(spec.name for spec in _RULER_QA)
 NIAH_TASKS: tuple[str, ...] = tuple(NIAH_TASK_CONFIGS)
 
 
-def get_task(name: str, code_sim_fallback: metrics.CodeSimFallback | None = None) -> TaskSpec:
+def get_task(
+    name: str,
+    code_sim_fallback: metrics.CodeSimFallback | None = None,
+    code_sim_similarity: metrics.CodeSimSimilarity | None = None,
+) -> TaskSpec:
     """The registered task ``name``.
 
     Args:
         name: a task name (``narrativeqa``, ``repobench-p``, ``ruler_squadqa``, ``niah_single_1``, ...).
         code_sim_fallback: override the lcc / repobench-p fallback (default ``refine``, spec §10.17).
+        code_sim_similarity: override the lcc / repobench-p similarity (default ``difflib``, the paper's; ``indel``
+            for thefuzz / rapidfuzz), spec §5.3.
 
     Raises:
-        ValueError: unknown name (the message lists the known ones).
+        ValueError: unknown name (the message lists the known ones) or an unknown override value.
     """
     spec = TASKS.get(name)
     if spec is None:
@@ -182,6 +194,13 @@ def get_task(name: str, code_sim_fallback: metrics.CodeSimFallback | None = None
         if code_sim_fallback not in ("refine", "longbench"):
             raise ValueError(f"code_sim_fallback={code_sim_fallback!r}; use 'refine' or 'longbench' (spec §10.17).")
         spec = replace(spec, code_sim_fallback=code_sim_fallback)
+    if code_sim_similarity is not None and code_sim_similarity != spec.code_sim_similarity:
+        if code_sim_similarity not in ("difflib", "indel"):
+            raise ValueError(
+                f"code_sim_similarity={code_sim_similarity!r}; use 'difflib' (the paper's, fuzzywuzzy 0.18.0 without "
+                "python-Levenshtein) or 'indel' (thefuzz / rapidfuzz), spec §5.3."
+            )
+        spec = replace(spec, code_sim_similarity=code_sim_similarity)
     return spec
 
 

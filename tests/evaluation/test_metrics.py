@@ -14,6 +14,8 @@ from refine_core.evaluation.metrics import (
     TREC_CLASSES,
     classification_score,
     code_sim_score,
+    difflib_ratio,
+    indel_ratio,
     max_over_answers,
     normalize_answer,
     qa_f1_score,
@@ -154,9 +156,9 @@ def _indel_ratio(a: str, b: str) -> Fraction:
 
 def test_thefuzz_ratio_is_rounded_indel_similarity() -> None:
     # "abcd" vs "abce": LCS 3, L = 8, d = 2 -> 100 * 6/8 = 75
-    assert fuzz.ratio("abcd", "abce") == 75
+    assert fuzz.ratio("abcd", "abce") == 75 == indel_ratio("abcd", "abce")
     # "kitten" vs "sitting": LCS "ittn" = 4, L = 13 -> 100 * 8/13 = 61.5 -> 62
-    assert fuzz.ratio("kitten", "sitting") == 62
+    assert fuzz.ratio("kitten", "sitting") == 62 == indel_ratio("kitten", "sitting")
     rng = random.Random(0)
     checked = 0
     for _ in range(300):
@@ -165,22 +167,90 @@ def test_thefuzz_ratio_is_rounded_indel_similarity() -> None:
         exact = _indel_ratio(a, b)
         if exact.denominator == 2:  # an exact .5 tie: see the next test
             continue
-        assert fuzz.ratio(a, b) == round(exact), (a, b)
+        assert fuzz.ratio(a, b) == round(exact) == indel_ratio(a, b), (a, b)
         checked += 1
     assert checked > 250
     # fuzzywuzzy's decorators: equal strings -> 100 (even empty ones), one empty string -> 0; thefuzz agrees
     assert fuzz.ratio("", "") == 100 and fuzz.ratio("x", "") == 0
+    assert indel_ratio("", "") == 100 and indel_ratio("x", "") == 0 == indel_ratio("", "x")
 
 
-def test_thefuzz_tie_and_difflib_divergence_documented() -> None:
+def test_thefuzz_tie() -> None:
     # 17 x "a" vs 17 x "a" + 46 x "b": L = 80, d = 46, exact 100 * 34/80 = 42.5. rapidfuzz computes 1 - 46/80 =
     # 0.42500000000000004 -> 43; python-Levenshtein < 0.20 computed 34/80 = 0.425 -> round-half-even 42.
     a, b = "a" * 17, "a" * 17 + "b" * 46
     assert _indel_ratio(a, b) == Fraction(85, 2)
     assert fuzz.ratio(a, b) == 43 and round(100 * (34 / 80)) == 42
-    # fuzzywuzzy without python-Levenshtein used difflib, a different similarity
-    assert fuzz.ratio("ccbcaa", "cbcbbbcc") == 57
-    assert round(100 * difflib.SequenceMatcher(None, "ccbcaa", "cbcbbbcc").ratio()) == 43
+
+
+# difflib_ratio = fuzzywuzzy 0.18.0's fuzz.ratio without python-Levenshtein (the official REFINE environment):
+# round(100 * 2M / (len(a) + len(b))), M = the characters in SequenceMatcher(None, a, b)'s matching blocks. The
+# matcher takes the longest common block, then recurses on the stretches left and right of it. Its blocks are a
+# common subsequence, so M <= LCS and difflib never beats indel; it falls behind when the greedy longest block
+# cuts off a longer subsequence, and by a lot under autojunk (gold of 200+ characters).
+
+
+def test_difflib_ratio_short_lines() -> None:
+    # "abcd" vs "abce": longest block "abc" (a[0:3] = b[0:3]); right of it "d" vs "e" match nothing -> M = 3,
+    # 100 * 6/8 = 75, as indel (LCS 3).
+    assert difflib_ratio("abcd", "abce") == 75 == indel_ratio("abcd", "abce")
+    # "ccbcaa" vs "cbcbbbcc": longest block "cbc" (a[1:4] = b[0:3]; no common substring of 3 starts elsewhere).
+    # Left of it: a[0:1] = "c" vs b[0:0] = "" -> nothing; right: "aa" vs "bbbcc" -> nothing. M = 3, L = 14 ->
+    # 100 * 6/14 = 42.86 -> 43. Indel: LCS "ccbc" (a[0:4]; b[0], b[2], b[3], b[6]) = 4 -> 100 * 8/14 = 57.14 -> 57.
+    assert difflib_ratio("ccbcaa", "cbcbbbcc") == 43
+    assert indel_ratio("ccbcaa", "cbcbbbcc") == 57
+    # same block as the first case, but the right stretches "x" vs "yx" share "x": M = 3 + 1 = 4, L = 9 ->
+    # 100 * 8/9 = 88.9 -> 89 (indel: LCS "abcx" = 4, the same).
+    assert difflib_ratio("abcx", "abcyx") == 89 == indel_ratio("abcx", "abcyx")
+
+
+def test_difflib_ratio_rounds_half_to_even() -> None:
+    # "a" vs "a" + 14 x "b": M = 1, L = 16 -> 100 * 2/16 = 12.5 exactly (a binary fraction) -> 12, not 13.
+    assert difflib_ratio("a", "a" + "b" * 14) == 12
+    # "abc" vs "abc" + 10 x "x": M = 3, L = 16 -> 100 * 6/16 = 37.5 exactly -> 38 (the even neighbour, not floor).
+    assert difflib_ratio("abc", "abc" + "x" * 10) == 38
+
+
+def test_difflib_ratio_decorators() -> None:
+    # fuzzywuzzy 0.18.0 wraps ratio as check_for_none(check_for_equivalence(check_empty_string(ratio))):
+    assert difflib_ratio(None, "x") == 0 == difflib_ratio("x", None) == difflib_ratio(None, None)
+    assert difflib_ratio("", "") == 100  # equality is checked before emptiness
+    assert difflib_ratio("x", "") == 0 == difflib_ratio("", "x")
+    long_line = "AB = [" + "0, " * 64 + "0]"
+    assert difflib_ratio(long_line, long_line) == 100  # equal strings never reach SequenceMatcher
+
+
+# Gold lines of 200+ characters: SequenceMatcher's autojunk drops every character occurring more than
+# 1 + len(gold) // 100 times in the gold from the index it searches. Such "popular" characters then only match by
+# extending a match found on an indexed (rarer) character, or from the very start of a still unmatched stretch.
+GOLD_200 = "AB = [" + "0, " * 64 + "0]"  # 6 + 192 + 2 = 200 characters
+PRED_200 = "AB = (" + "0, " * 64 + "0)"  # the same line as a tuple
+GOLD_199 = "A = [" + "0, " * 64 + "0]"  # 199 characters: autojunk off
+PRED_199 = "A = (" + "0, " * 64 + "0)"
+ZEROS = "0, " * 64 + "0"  # 193 characters, a substring of both golds
+
+
+def test_difflib_autojunk_on_long_gold_lines() -> None:
+    assert (len(GOLD_200), len(PRED_200), len(GOLD_199), len(ZEROS)) == (200, 200, 199, 193)
+    # GOLD_200: 1 + 200 // 100 = 3, and " " (66x), "0" (65x), "," (64x) occur more often -> only A, B, =, [, ]
+    # are indexed. The longest indexed run in PRED_200 is "AB" at (0, 0); it extends over the equal " = " to the
+    # block (0, 0, 5) and stops at "(" vs "[". Right of it, a[5:] holds no indexed character ("(" and ")" are not
+    # in the gold, the rest is popular) and the empty match at the stretch's start cannot extend ("(" != "[").
+    # M = 5, L = 400 -> 100 * 10/400 = 2.5 -> round half to even -> 2.
+    # Indel: LCS = "AB = " + ZEROS = 198 -> 100 * 396/400 = 99. 97 points apart.
+    assert difflib_ratio(PRED_200, GOLD_200) == 2
+    assert indel_ratio(PRED_200, GOLD_200) == 99
+    # autojunk is the cause: without it SequenceMatcher also finds ZEROS (6, 6, 193) -> M = 198 -> 99
+    assert round(100 * difflib.SequenceMatcher(None, PRED_200, GOLD_200, autojunk=False).ratio()) == 99
+    # One character shorter, no autojunk: blocks "A = " (0, 0, 4) and ZEROS (5, 5, 193) -> M = 197, L = 398 ->
+    # 100 * 394/398 = 98.99 -> 99, as indel (LCS 197).
+    assert difflib_ratio(PRED_199, GOLD_199) == 99 == indel_ratio(PRED_199, GOLD_199)
+    # The order matters (autojunk looks at the second string only). ZEROS vs GOLD_200: ZEROS holds none of the
+    # indexed A, B, =, [, ] and the empty match at (0, 0) cannot extend ("0" != "A") -> M = 0 -> 0 (indel: LCS 193,
+    # L = 393 -> 98.2 -> 98). Swapped, the second string has 193 characters, nothing is dropped, and ZEROS is one
+    # block (6, 0, 193) -> 100 * 386/393 = 98.2 -> 98.
+    assert difflib_ratio(ZEROS, GOLD_200) == 0
+    assert difflib_ratio(GOLD_200, ZEROS) == 98 == indel_ratio(ZEROS, GOLD_200)
 
 
 def test_code_sim_line_selection() -> None:
@@ -188,17 +258,36 @@ def test_code_sim_line_selection() -> None:
     assert code_sim_score("\n\nx = 1", "x = 1") == 1.0  # leading newlines are stripped first
     assert code_sim_score("```python\nreturn a + b\n```", "return a + b") == 1.0  # "`" lines skipped
     assert code_sim_score("// js comment\nfoo();", "foo();") == 1.0  # "//" lines skipped
-    assert code_sim_score("abcd", "abce") == 0.75  # 75 / 100 (see above)
+    assert code_sim_score("abcd", "abce") == 0.75  # difflib 75 / 100 (indel agrees, see above)
     assert code_sim_score("", "x") == 0.0  # the empty line qualifies; ratio("", "x") = 0
+
+
+def test_code_sim_similarity_default_is_difflib() -> None:
+    assert code_sim_score("ccbcaa", "cbcbbbcc") == 0.43  # difflib 43 (see test_difflib_ratio_short_lines)
+    assert code_sim_score("ccbcaa", "cbcbbbcc", similarity="indel") == 0.57
+    assert code_sim_score(PRED_200, GOLD_200) == 0.02 == code_sim_score(PRED_200, GOLD_200, similarity="difflib")
+    assert code_sim_score(PRED_200, GOLD_200, similarity="indel") == 0.99
+    with pytest.raises(ValueError, match="similarity='levenshtein'.*'difflib'.*'indel'"):
+        code_sim_score("x", "x", similarity="levenshtein")  # type: ignore[arg-type]
+
+
+def test_code_sim_difflib_needs_no_thefuzz(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "thefuzz", None)  # any "import thefuzz" now raises ImportError
+    assert code_sim_score("abcd", "abce") == 0.75
+    with pytest.raises(ImportError):
+        code_sim_score("abcd", "abce", similarity="indel")
 
 
 def test_code_sim_fallbacks() -> None:
     # no qualifying line: LongBench scores "" -> ratio("", "x") = 0
     assert code_sim_score("#x", "x", fallback="longbench") == 0.0
-    # REFINE scores the whole response: "#x" vs "x": LCS 1, L = 3 -> 100 * 2/3 = 66.7 -> 67
+    # REFINE scores the whole response. "#x" vs "x": difflib's only block is "x" (1, 0, 1), nothing left of it in
+    # the gold -> M = 1, L = 3 -> 100 * 2/3 = 66.7 -> 67 (indel: LCS 1, the same)
     assert code_sim_score("#x", "x", fallback="refine") == 0.67
-    # ... the *unmodified* response (leading "\n" kept): "\n#x" vs "x": LCS 1, L = 4 -> 50
+    assert code_sim_score("#x", "x", fallback="refine", similarity="indel") == 0.67
+    # ... the *unmodified* response (leading "\n" kept): "\n#x" vs "x": M = 1, L = 4 -> 50 (indel: LCS 1, the same)
     assert code_sim_score("\n#x", "x", fallback="refine") == 0.5
+    assert code_sim_score("\n#x", "x", fallback="refine", similarity="indel") == 0.5
     with pytest.raises(ValueError, match="fallback"):
         code_sim_score("x", "x", fallback="other")  # type: ignore[arg-type]
 

@@ -73,6 +73,32 @@ def test_get_task_errors_and_fallback_override() -> None:
         get_task("lcc", code_sim_fallback="other")  # type: ignore[arg-type]
 
 
+# 200-character gold and prediction of test_metrics.py's autojunk test: difflib 2 (M = 5 of L = 400 -> 2.5 -> 2,
+# half to even), indel 99 (LCS 198).
+GOLD_200 = "AB = [" + "0, " * 64 + "0]"
+PRED_200 = "AB = (" + "0, " * 64 + "0)"
+
+
+@pytest.mark.parametrize("task", ["lcc", "repobench-p"])
+def test_code_sim_similarity_default_and_override(task: str) -> None:
+    assert all(spec.code_sim_similarity == "difflib" for spec in TASKS.values())
+    spec = get_task(task)
+    assert spec.code_sim_similarity == "difflib"  # fuzzywuzzy 0.18.0 without python-Levenshtein, the paper's
+    assert spec.score(PRED_200, _ex([GOLD_200])) == 0.02
+    indel = get_task(task, code_sim_similarity="indel")
+    assert indel.code_sim_similarity == "indel" and TASKS[task].code_sim_similarity == "difflib"
+    assert indel.score(PRED_200, _ex([GOLD_200])) == 0.99
+    assert get_task(task, code_sim_similarity="difflib") == spec
+    # both overrides together: "#x" has no qualifying line -> LongBench scores "" -> 0 with either similarity
+    both = get_task(task, code_sim_fallback="longbench", code_sim_similarity="indel")
+    assert (both.code_sim_fallback, both.code_sim_similarity) == ("longbench", "indel")
+    assert both.score("#x", _ex(["x"])) == 0.0
+    # max over the gold answers uses the chosen similarity for each: max(difflib 2, exact match 100)
+    assert spec.score(PRED_200, _ex([GOLD_200, PRED_200])) == 1.0
+    with pytest.raises(ValueError, match="code_sim_similarity='levenshtein'.*'difflib'.*'indel'"):
+        get_task(task, code_sim_similarity="levenshtein")  # type: ignore[arg-type]
+
+
 RAW = "\n\nFirst line\nsecond line"
 
 
