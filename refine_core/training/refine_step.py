@@ -279,7 +279,7 @@ def refine_step(
 
     rollouts = Rollouts.cat(parts)
     rewards = _rewards(cfg, rollouts)
-    advantages = group_advantages(rewards.reward, rollouts.group_ids)
+    advantages = _group_advantages(cfg, rewards.reward, rollouts.group_ids)
     weight = torch.tensor([s["tokens"] for s in stats])
     # Each rank holds its part of the global token means: add them up (the identity in one process).
     sums = dict(zip(sums, sync.total(*sums.values()), strict=True))
@@ -354,7 +354,13 @@ def _rewards(cfg: RefineConfig, rollouts: Rollouts) -> RewardBreakdown:
 
 
 def _advantages(cfg: RefineConfig, rollouts: Rollouts) -> torch.Tensor:
-    return group_advantages(_rewards(cfg, rollouts).reward, rollouts.group_ids)
+    return _group_advantages(cfg, _rewards(cfg, rollouts).reward, rollouts.group_ids)
+
+
+def _group_advantages(cfg: RefineConfig, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    return group_advantages(
+        rewards, group_ids, singleton=cfg.singleton_advantage, norm_by_std=cfg.norm_adv_by_std_in_grpo
+    )
 
 
 def _all_logps(

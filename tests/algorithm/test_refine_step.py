@@ -338,3 +338,26 @@ def test_official_micro_batch_scale_of_the_ntp_term():
     for (name, _), want in zip(model.named_parameters(), reference, strict=True):
         want = torch.zeros_like(grads[name]) if want is None else want
         torch.testing.assert_close(grads[name], want, rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_advantage_options_reach_the_gradient():
+    """One document, one group: on-policy, the PPO gradient is linear in the advantages, so dividing by the group's
+    std scales it by exactly the ratio of the mean |advantage|."""
+    doc = make_docs(12)[:1]
+    base = dict(batch_size=1, mini_batch_size=1, micro_batch_size=1, ntp_loss_coef=0.0)
+    g_std, m_std = sgd_step("delta_net", small_cfg(**base), doc)
+    g_centred, m_centred = sgd_step("delta_net", small_cfg(**base, norm_adv_by_std_in_grpo=False), doc)
+    factor = m_std["refine/advantage_abs_mean"] / m_centred["refine/advantage_abs_mean"]
+    assert factor != pytest.approx(1.0)
+    for name in g_std:
+        torch.testing.assert_close(g_std[name], factor * g_centred[name], rtol=1e-7, atol=1e-11, msg=name)
+
+    # M = 1: every group is a single rollout. Ours gives it advantage 0 (no policy gradient at all); verl's
+    # mean 0 / std 1 gives A = R / (1 + 1e-6).
+    single = dict(base, num_chunks=1)
+    g_zero, m_zero = sgd_step("delta_net", small_cfg(**single), doc)
+    assert m_zero["refine/advantage_abs_mean"] == 0.0
+    assert all(float(g.abs().max()) == 0.0 for g in g_zero.values())
+    g_official, m_official = sgd_step("delta_net", small_cfg(**single, singleton_advantage="official"), doc)
+    assert m_official["refine/advantage_abs_mean"] == pytest.approx(abs(m_official["refine/reward_mean"]) / (1 + 1e-6))
+    assert max(float(g.abs().max()) for g in g_official.values()) > 0
