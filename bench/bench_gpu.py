@@ -325,22 +325,32 @@ def part_tests(log: Path) -> None:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     log.write_text(proc.stdout + proc.stderr)
     lines = [ln for ln in proc.stdout.splitlines() if "rel err" in ln or "passed" in ln or "failed" in ln]
+    if proc.returncode != 0:  # the failures' own report, so that run.log says which test failed and why
+        print((proc.stdout + proc.stderr)[-6000:], flush=True)
     _emit({"part": "tests", "returncode": proc.returncode, "summary": lines[-12:]})
 
 
 # ----------------------------------------------------------------------------------------------------- orchestration
-def _done(state: Path) -> set[str]:
-    path = state / "results.jsonl"
-    if not path.exists():
-        return set()
-    return {json.loads(line)["part"] for line in path.read_text().splitlines() if line.strip()}
+def _card() -> str:
+    """The GPU's name, without importing torch (the orchestrator stays light)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=60).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        out = []
+    return out[0].strip() if out else "unknown"
+
+
+def _done(state: Path, card: str) -> set[str]:
+    """Parts already measured on this kind of card (a slot on another card measures them again)."""
+    return {r["part"] for r in _records(state) if r.get("card") == card}
 
 
 def _copy_out(state: Path, out: Path | None) -> None:
     if out is None:
         return
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("results.jsonl", "run.log"):
+    for name in ("results.jsonl", "run.log", "tests.log"):
         if (state / name).exists():
             (out / name).write_bytes((state / name).read_bytes())
 
@@ -381,11 +391,13 @@ def run(args: argparse.Namespace) -> None:
     env = {**os.environ, "TRITON_CACHE_DIR": str(state / "triton"), "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     start = time.perf_counter()
+    card = _card()
+    print(f"card: {card}", flush=True)
     names = args.parts or list(PARTS)
     fla_configs = state / "fla_configs"
     with open(state / "run.log", "a") as log:
         for name in names:
-            done = _done(state)
+            done = _done(state, card)
             if name in done:
                 print(f"[skip] {name}: in results.jsonl", flush=True)
                 continue
@@ -395,16 +407,18 @@ def run(args: argparse.Namespace) -> None:
                 print(f"[wait] {name}: needs ~{estimate}s, {left:.0f}s left in this slot", flush=True)
                 continue
             print(f"[run ] {name} ({left:.0f}s left)", flush=True)
+            log.write(f"===== {name} on {card}\n")
             t0 = time.perf_counter()
             cmd = [sys.executable, str(Path(__file__).resolve()), "part", *argv, "--state", str(state)]
             part_env = dict(env)
             if argv[0] != "first-steps":
-                # Shapes not tuned yet (a new model size) take the configurations tuned so far instead of autotuning.
+                # As a job with a warmed cache runs (refine_core.runtime.configure_triton_cache): each tuned key
+                # takes its own configuration, a new key is autotuned (fuzzy reuse overflowed shared memory).
                 from refine_core.models.ops.fla_configs import export_fla_configs
 
                 exported = export_fla_configs(state / "triton", fla_configs)
                 if exported:
-                    part_env.update(FLA_CONFIG_DIR=str(fla_configs), FLA_CACHE_MODE="fuzzy")
+                    part_env.update(FLA_CONFIG_DIR=str(fla_configs), FLA_CACHE_MODE="strict")
             try:
                 proc = subprocess.run(cmd, cwd=REPO, env=part_env, capture_output=True, text=True,
                                       timeout=max(left, 30))
@@ -417,7 +431,7 @@ def run(args: argparse.Namespace) -> None:
             results = [line[len("RESULT ") :] for line in output.splitlines() if line.startswith("RESULT ")]
             with open(state / "results.jsonl", "a") as f:
                 for line in results:
-                    f.write(line + "\n")
+                    f.write(json.dumps({**json.loads(line), "card": card}) + "\n")
             print(f"[done] {name}: exit {code}, {len(results)} result(s), {time.perf_counter() - t0:.0f}s", flush=True)
             if code != 0:
                 print("\n".join(output.splitlines()[-25:]), flush=True)
@@ -425,7 +439,7 @@ def run(args: argparse.Namespace) -> None:
     if out is not None and args.pack_cache:
         pack_cache(state, out)
     _copy_out(state, out)
-    summarize(argparse.Namespace(state=str(state), latest=None))
+    summarize(argparse.Namespace(state=str(state), latest=None, card=card))
 
 
 def _records(state: Path) -> list[dict]:
@@ -433,9 +447,16 @@ def _records(state: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def _card_records(state: Path, card: str | None) -> list[dict]:
+    """The records of one card (default: the card of the newest record): figures are never mixed across cards."""
+    records = _records(state)
+    card = card or next((r.get("card") for r in reversed(records) if r.get("card")), None)
+    return [r for r in records if r.get("card") == card]
+
+
 def summarize(args: argparse.Namespace) -> dict:
     """The issue's headline figures from ``results.jsonl``; written to ``--latest`` when given."""
-    records = _records(Path(args.state))
+    records = _card_records(Path(args.state), getattr(args, "card", None))
     env = next((r for r in records if r["part"] == "env"), {})
 
     def step(part: str, case: str) -> dict:
@@ -449,7 +470,8 @@ def summarize(args: argparse.Namespace) -> dict:
     cold = next((r for r in records if r["part"].startswith("cold-")), {})
     warm = next((r for r in records if r["part"].startswith("warm-")), {})
     latest = {
-        "card": env.get("card"), "date": env.get("date"), "torch": env.get("torch"), "triton": env.get("triton"),
+        "card": records[-1].get("card") if records else None, "date": env.get("date"), "torch": env.get("torch"),
+        "triton": env.get("triton"),
         "fla": env.get("fla"), "transformers": env.get("transformers"),
         "refine_branch_over_ntp_340m_4k": step("steps-340m-4k", "branch").get("ratio_to_ntp"),
         "refine_faithful_over_ntp_340m_4k": step("steps-340m-4k", "faithful").get("ratio_to_ntp"),
@@ -481,7 +503,7 @@ def summarize(args: argparse.Namespace) -> dict:
 
 def tables(args: argparse.Namespace) -> None:
     """Markdown tables of everything in ``results.jsonl`` (for BENCHMARKS.md)."""
-    records = _records(Path(args.state))
+    records = _card_records(Path(args.state), getattr(args, "card", None))
     env = next((r for r in records if r["part"] == "env"), {})
     peak = env.get("dense_bf16_tflops_datasheet") or float("nan")
     matmul = env.get("matmul_tflops") or float("nan")
@@ -542,8 +564,10 @@ def main() -> None:
     p_sum = sub.add_parser("summarize", help="headline figures from results.jsonl")
     p_sum.add_argument("--state", default=".bench_state")
     p_sum.add_argument("--latest", help="write them here (bench/results/latest.json)")
+    p_sum.add_argument("--card", help="whose records (default: the card of the newest record)")
     p_tab = sub.add_parser("tables", help="markdown tables of all results (for BENCHMARKS.md)")
     p_tab.add_argument("--state", default=".bench_state")
+    p_tab.add_argument("--card", help="whose records (default: the card of the newest record)")
     args = parser.parse_args()
     if args.command == "run":
         run(args)

@@ -232,9 +232,9 @@ def configure_triton_cache(cache_dir: str | os.PathLike[str] | None = None) -> P
             torchrun workers and subprocesses with another working directory agree), created, and exported.
 
     If the cache holds ``fla_configs/`` (written by ``refine warmup`` from the autotune results) and fla is not
-    pointed elsewhere, fla takes its kernel configurations from there (``FLA_CACHE_MODE=fuzzy``): shapes the cache
-    has not seen (another head count) then compile one configuration each instead of autotuning
-    (:mod:`refine_core.models.ops.fla_configs`).
+    pointed elsewhere, fla takes its kernel configurations from there (``FLA_CACHE_MODE=strict``): each tuned key
+    compiles its chosen configuration only, and a key never tuned is autotuned (a configuration tuned for another
+    shape can overflow shared memory; :mod:`refine_core.models.ops.fla_configs` says why).
 
     Returns:
         The cache directory in effect.
@@ -244,7 +244,7 @@ def configure_triton_cache(cache_dir: str | os.PathLike[str] | None = None) -> P
     if "FLA_CONFIG_DIR" not in os.environ and configs.is_dir() and any(configs.glob("*.json")):
         try:
             use_fla_configs(configs)
-            logger.info("fla kernel configs from %s (FLA_CACHE_MODE=fuzzy)", configs)
+            logger.info("fla kernel configs from %s (FLA_CACHE_MODE=strict)", configs)
         except RuntimeError as exc:  # fla imported already: its configs are fixed for this process
             logger.info("%s", exc)
     return path

@@ -156,7 +156,7 @@ def warmup(cfg: RunConfig) -> dict[str, Any]:
             generate(model, ids.to(device), mask.to(device), sampling, eos_token_id=model.config.eos_token_id,
                      pad_token_id=pad_id)
 
-    # fla's configs for other shapes: what was tuned here, picked by fuzzy key (refine_core.models.ops.fla_configs)
+    # fla's config files: each key tuned here, with its chosen configuration (refine_core.models.ops.fla_configs)
     exported = export_fla_configs(cache_dir, cache_dir / runtime.FLA_CONFIGS_SUBDIR)
     files_after = count_cache_files(cache_dir)
     report = {

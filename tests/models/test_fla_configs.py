@@ -55,7 +55,7 @@ def test_triton_cache_with_fla_configs_points_fla_at_them(tmp_path, monkeypatch)
     (tmp_path / "cache" / runtime.FLA_CONFIGS_SUBDIR / "k.json").write_text("{}")
     runtime.configure_triton_cache(tmp_path / "cache")
     assert os.environ["FLA_CONFIG_DIR"] == str((tmp_path / "cache" / "fla_configs").resolve())
-    assert os.environ["FLA_CACHE_MODE"] == "fuzzy"
+    assert os.environ["FLA_CACHE_MODE"] == "strict"  # a config only fits the key it was tuned for
 
 
 def test_use_fla_configs_refuses_after_fla_is_imported(monkeypatch):

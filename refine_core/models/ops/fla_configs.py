@@ -9,10 +9,16 @@ stores avoid that:
   shapes neither tunes nor compiles (``refine warmup`` fills it; ``RunConfig.triton_cache_dir`` keeps it with the
   job).
 * fla's own config files (``FLA_CONFIG_DIR/<kernel>.json``, read when ``FLA_CACHE_MODE`` is set): one chosen
-  configuration per key. :func:`export_fla_configs` writes them from the Triton cache's results. With
-  ``FLA_CACHE_MODE=fuzzy`` fla takes an exact key first and else any entry whose key differs only in numbers (flags
-  and dtypes must match), so configurations tuned for one model shape serve another (16 heads after tuning at 8)
-  and only the chosen configuration is compiled.
+  configuration per key. :func:`export_fla_configs` writes them from the Triton cache's results, and
+  :func:`use_fla_configs` points fla at them with ``FLA_CACHE_MODE=strict``: a key that was tuned takes its own
+  configuration and compiles only that one; any other key is autotuned as usual.
+
+Why not ``fuzzy``, which also lends a tuned configuration to keys that differ only in numbers: those numbers include
+the head dims and block sizes (``K``, ``V``, ``BK``, ``BV``), not only the head count, and fla takes the first such
+entry. On an H100 (2026-12-05) a 1.3B REFINE step got ``chunk_bwd_kernel_dqkwg``'s 3-stage configuration tuned at
+``V = 128`` for its branch pass at ``V = 256`` and died with Triton's ``OutOfResources`` (344,064 bytes of shared
+memory against 232,448). A configuration is only known to fit the key it was tuned for, so a new model shape is
+tuned once, by ``refine warmup --config <that config>``.
 
 Both variables are read when fla is first imported: call :func:`use_fla_configs` before that.
 """
@@ -76,7 +82,7 @@ def export_fla_configs(triton_cache: str | Path, out_dir: str | Path) -> dict[st
     return {kernel: len(found) for kernel, found in entries.items()}
 
 
-def use_fla_configs(config_dir: str | Path, mode: str = "fuzzy") -> None:
+def use_fla_configs(config_dir: str | Path, mode: str = "strict") -> None:
     """Point fla at ``config_dir`` (``FLA_CONFIG_DIR``) with lookup ``mode`` (``FLA_CACHE_MODE``).
 
     Raises ``RuntimeError`` when fla is already imported: it reads both variables once, at import.
