@@ -142,10 +142,14 @@ def test_graph_is_reused_and_sees_in_place_weight_updates():
     with _amp("fp32+autocast"):
         first = generate(model, ids, mask, sampling, cuda_graph=True)
         (step,) = decoding._GRAPHS.values()
-        with torch.no_grad():  # an optimizer step: the same tensors, new values
-            for p in model.parameters():
-                p.add_(torch.randn_like(p), alpha=0.05)
+    # An optimizer step between autocast regions, as in training: the same tensors, new values. (Inside one region,
+    # autocast's own cast cache would hand the *eager* loop the old bf16 weights; the graph never uses that cache.)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    with _amp("fp32+autocast"):
         graph = generate(model, ids, mask, sampling, cuda_graph=True)
+    with _amp("fp32+autocast"):
         eager = generate(model, ids, mask, sampling, cuda_graph=False)
     assert list(decoding._GRAPHS.values()) == [step]  # captured once
     assert not torch.equal(first.tokens, graph.tokens)  # the new weights were read (not a stale bf16 cast)
@@ -154,6 +158,7 @@ def test_graph_is_reused_and_sees_in_place_weight_updates():
     model.to(torch.bfloat16)  # new parameter tensors under the same key: the capture is stale and must be redone
     with _amp("fp32+autocast"):
         graph = generate(model, ids, mask, sampling, cuda_graph=True)
+    with _amp("fp32+autocast"):
         eager = generate(model, ids, mask, sampling, cuda_graph=False)
     assert len(decoding._GRAPHS) == 1 and step not in decoding._GRAPHS.values()
     assert_same(graph, eager)
