@@ -447,16 +447,16 @@ def _records(state: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _card_records(state: Path, card: str | None) -> list[dict]:
-    """The records of one card (default: the card of the newest record): figures are never mixed across cards."""
+def _card_records(state: Path, card: str | None) -> tuple[str | None, list[dict]]:
+    """One card (default: the newest record's) and its records: figures are never mixed across cards."""
     records = _records(state)
     card = card or next((r.get("card") for r in reversed(records) if r.get("card")), None)
-    return [r for r in records if r.get("card") == card]
+    return card, [r for r in records if r.get("card") == card]
 
 
 def summarize(args: argparse.Namespace) -> dict:
     """The issue's headline figures from ``results.jsonl``; written to ``--latest`` when given."""
-    records = _card_records(Path(args.state), getattr(args, "card", None))
+    card, records = _card_records(Path(args.state), args.card)
     env = next((r for r in records if r["part"] == "env"), {})
 
     def step(part: str, case: str) -> dict:
@@ -470,8 +470,7 @@ def summarize(args: argparse.Namespace) -> dict:
     cold = next((r for r in records if r["part"].startswith("cold-")), {})
     warm = next((r for r in records if r["part"].startswith("warm-")), {})
     latest = {
-        "card": records[-1].get("card") if records else None, "date": env.get("date"), "torch": env.get("torch"),
-        "triton": env.get("triton"),
+        "card": card, "date": env.get("date"), "torch": env.get("torch"), "triton": env.get("triton"),
         "fla": env.get("fla"), "transformers": env.get("transformers"),
         "refine_branch_over_ntp_340m_4k": step("steps-340m-4k", "branch").get("ratio_to_ntp"),
         "refine_faithful_over_ntp_340m_4k": step("steps-340m-4k", "faithful").get("ratio_to_ntp"),
@@ -503,7 +502,7 @@ def summarize(args: argparse.Namespace) -> dict:
 
 def tables(args: argparse.Namespace) -> None:
     """Markdown tables of everything in ``results.jsonl`` (for BENCHMARKS.md)."""
-    records = _card_records(Path(args.state), getattr(args, "card", None))
+    _, records = _card_records(Path(args.state), args.card)
     env = next((r for r in records if r["part"] == "env"), {})
     peak = env.get("dense_bf16_tflops_datasheet") or float("nan")
     matmul = env.get("matmul_tflops") or float("nan")

@@ -1,0 +1,31 @@
+"""bench/bench_gpu.py's bookkeeping on CPU: figures of one card are never mixed with another card's."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from bench.bench_gpu import _done, summarize
+
+
+def _write(state, records) -> None:
+    (state / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_summary_and_done_parts_keep_cards_apart(tmp_path):
+    h200, h100 = "NVIDIA H200", "NVIDIA H100 80GB HBM3"
+    step = {"part": "steps-340m-4k", "case": "branch"}
+    _write(tmp_path, [
+        {"part": "env", "card": h200, "date": "2026-12-05", "torch": "2.11"},
+        {**step, "ratio_to_ntp": 3.37, "card": h200},
+        {**step, "ratio_to_ntp": 2.75, "card": h100},
+    ])
+    newest = summarize(argparse.Namespace(state=str(tmp_path), latest=None, card=None))
+    assert newest["card"] == h100 and newest["refine_branch_over_ntp_340m_4k"] == 2.75
+    assert newest["date"] is None  # the H200's env record does not describe the H100
+    latest = tmp_path / "latest.json"
+    older = summarize(argparse.Namespace(state=str(tmp_path), latest=str(latest), card=h200))
+    assert older["refine_branch_over_ntp_340m_4k"] == 3.37 and older["torch"] == "2.11"
+    assert json.loads(latest.read_text()) == older
+    assert _done(tmp_path, h100) == {"steps-340m-4k"}
+    assert _done(tmp_path, h200) == {"env", "steps-340m-4k"}
