@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from refine_core.models.ops import gated_rms_norm, rms_norm, short_conv
+from refine_core.models.ops import gated_rms_norm, rms_norm, short_conv, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -63,4 +62,4 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

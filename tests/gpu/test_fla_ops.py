@@ -24,6 +24,7 @@ from refine_core.models.ops import (
     gated_rms_norm,
     rms_norm,
     short_conv,
+    swiglu,
 )
 
 pytestmark = pytest.mark.gpu
@@ -166,25 +167,92 @@ def test_gated_backward_guard() -> None:
     assert all(torch.isfinite(x.grad).all() for x in leaves.values())
 
 
+def _fused_against_torch(fn, *inputs: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``fn`` on the dispatched (fla) path and on the PyTorch path, outputs then gradients of every input.
+
+    The gradients are those of ``sum(out * probe)`` with one fixed random probe per output, so every element counts.
+    """
+
+    def run() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        leaves = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+        outs = fn(*leaves)
+        outs = [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o is not None]
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
+        loss = sum((o.float() * torch.randn(o.shape, device=DEVICE, generator=gen)).sum() for o in outs)
+        grads = torch.autograd.grad(loss, [x for x in leaves if x.requires_grad])
+        return [o.detach() for o in outs], list(grads)
+
+    fused = run()
+    with fla_backend.disabled():
+        reference = run()
+    return fused[0] + fused[1], reference[0] + reference[1]
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max|actual - expected| / max|expected|``, as the module docstring bounds it."""
+    return (actual.float() - expected.float()).abs().max().item() / max(expected.float().abs().max().item(), 1e-12)
+
+
+def _assert_fused_close(fused: list[torch.Tensor], reference: list[torch.Tensor], tol: float, what: str) -> None:
+    for i, (a, b) in enumerate(zip(fused, reference, strict=True)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (what, i, a.dtype, b.dtype, a.shape, b.shape)
+        err = _rel_err(a, b)
+        print(f"{what} tensor {i}: rel err {err:.2e}")
+        assert err <= tol, f"{what}: tensor {i} differs by {err:.2e} (> {tol:.0e}) between fla and PyTorch"
+
+
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
-def test_short_conv_matches_fla(with_bias: bool) -> None:
+def test_short_conv_fla_path_matches_torch(with_bias: bool) -> None:
+    """The prefill / training conv (fla's Triton kernel) against the PyTorch op, forward and backward, from a cache
+    that needs gradients (REFINE's rollouts continue from the cut caches of the document pass)."""
     D, W, T = 256, 4, 100
-    conv = ShortConvolution(D, W, bias=with_bias, activation="silu").to(DEVICE, torch.bfloat16)
+    x = torch.randn(B, T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    weight = (0.3 * torch.randn(D, 1, W, device=DEVICE)).requires_grad_()  # fp32 master weight, as under autocast
+    bias = torch.randn(D, device=DEVICE, requires_grad=True) if with_bias else None
+    cache = torch.randn(B, D, W, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+
+    def conv(x, weight, cache, bias=None):
+        return short_conv(x, weight, bias, "silu", cache=cache, output_final_state=True)
+
+    inputs = (x, weight, cache) + ((bias,) if bias is not None else ())
+    fused, reference = _fused_against_torch(conv, *inputs)
+    _assert_fused_close(fused, reference, 2e-2, "short_conv")
+
+
+def test_short_conv_decode_step_matches_fla_module() -> None:
+    """Prefill then one token, against fla's own ``ShortConvolution`` (whose single-token step updates in place)."""
+    D, W, T = 256, 4, 100
+    conv = ShortConvolution(D, W, bias=True, activation="silu").to(DEVICE, torch.bfloat16)
     x = torch.randn(B, T, D, device=DEVICE, dtype=torch.bfloat16)
-    bias = conv.bias if with_bias else None
-
-    y_fla, cache_fla = conv(x[:, :-1], output_final_state=True)
-    y, cache = short_conv(x[:, :-1], conv.weight, bias, "silu", output_final_state=True)
-    torch.testing.assert_close(y, y_fla)
-    torch.testing.assert_close(cache, cache_fla)
-    with torch.no_grad():  # fla's single-token step, which updates its cache in place
+    with torch.no_grad():
+        y_fla, cache_fla = conv(x[:, :-1], output_final_state=True)
+        y, cache = short_conv(x[:, :-1], conv.weight, conv.bias, "silu", output_final_state=True)
+        torch.testing.assert_close(y, y_fla)
+        torch.testing.assert_close(cache, cache_fla)
         y_fla, cache_fla = conv(x[:, -1:], cache=cache_fla.clone(), output_final_state=True)
-        y, cache = short_conv(x[:, -1:], conv.weight, bias, "silu", cache=cache, output_final_state=True)
+        y, cache = short_conv(x[:, -1:], conv.weight, conv.bias, "silu", cache=cache, output_final_state=True)
     torch.testing.assert_close(y, y_fla)
     torch.testing.assert_close(cache, cache_fla)
 
 
-def test_norms_match_fla() -> None:
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_norms_and_swiglu_fla_path_match_torch(x_dtype: torch.dtype) -> None:
+    """fla's fused RMSNorm, gated RMSNorm and SwiGLU against the PyTorch ops, forward and backward, with fp32 master
+    weights: the residual stream is float32 under bf16 autocast, the mixer output and the projections bf16."""
+    D, eps = 128, 1e-6
+    x = torch.randn(B, 100, H, D, device=DEVICE, dtype=x_dtype, requires_grad=True)
+    gate = torch.randn_like(x, requires_grad=True)
+    weight = (1 + 0.1 * torch.randn(D, device=DEVICE)).requires_grad_()
+
+    fused, reference = _fused_against_torch(lambda x, w: rms_norm(x, w, eps), x, weight)
+    _assert_fused_close(fused, reference, 1e-2, f"rms_norm {x_dtype}")
+    fused, reference = _fused_against_torch(lambda x, g, w: gated_rms_norm(x, g, w, eps, "swish"), x, gate, weight)
+    _assert_fused_close(fused, reference, 1e-2, f"gated_rms_norm {x_dtype}")
+    fused, reference = _fused_against_torch(swiglu, x, gate)
+    _assert_fused_close(fused, reference, 1e-2, f"swiglu {x_dtype}")
+
+
+def test_norms_match_fla_modules() -> None:
     D, eps = 64, 1e-6
     x = torch.randn(B, 100, H, D, device=DEVICE, dtype=torch.bfloat16)
     gate = torch.randn_like(x)
@@ -192,7 +260,7 @@ def test_norms_match_fla() -> None:
 
     norm = RMSNorm(D, eps=eps).to(DEVICE, torch.bfloat16)
     gated = FusedRMSNormGated(D, eps=eps, activation="swish").to(DEVICE, torch.bfloat16)
-    with torch.no_grad():
+    with torch.no_grad(), fla_backend.disabled():
         norm.weight.copy_(weight)
         gated.weight.copy_(weight)
         torch.testing.assert_close(rms_norm(x, weight, eps), norm(x))

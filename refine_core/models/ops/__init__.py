@@ -9,7 +9,7 @@ from refine_core.models.ops.cross_entropy import cross_entropy, token_entropy
 from refine_core.models.ops.cut_states import delta_rule_with_cuts
 from refine_core.models.ops.delta_rule import chunk_delta_rule_torch, delta_rule, recurrent_delta_rule_torch
 from refine_core.models.ops.fla_backend import fla_available
-from refine_core.models.ops.norm import gated_rms_norm, l2_normalize, rms_norm
+from refine_core.models.ops.norm import gated_rms_norm, l2_normalize, rms_norm, swiglu
 
 __all__ = [
     "chunk_delta_rule_torch",
@@ -22,5 +22,6 @@ __all__ = [
     "recurrent_delta_rule_torch",
     "rms_norm",
     "short_conv",
+    "swiglu",
     "token_entropy",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from refine_core.models.ops import fla_backend
 from refine_core.models.ops.norm import compute_dtype
 
 _CONV_ACTIVATIONS = ("silu", "swish", None)
@@ -49,6 +50,10 @@ def short_conv(
     if cache is not None and cache.shape != (B, D, W):
         raise ValueError(f"cache must be [B={B}, D={D}, W={W}], got {tuple(cache.shape)}")
 
+    if T > 1 and fla_backend.use_fla_fused(x):
+        # One Triton kernel forward and backward instead of the float32 transposes, cat and conv1d below. Decoding
+        # (T == 1) stays here: fla's update kernel writes the cache in place, ours returns a new one.
+        return fla_backend.fla_short_conv(x, weight, bias, activation, cache, output_final_state)
     cd = compute_dtype(x.dtype)
     past = cache.to(cd) if cache is not None else x.new_zeros(B, D, W, dtype=cd)
     buf = torch.cat([past, x.to(cd).transpose(1, 2)], dim=-1)  # [B, D, W + T]

@@ -172,6 +172,57 @@ def fla_delta_rule(
     return gated_ops.chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, chunk_size=chunk_size, **common)
 
 
+def use_fla_fused(x: torch.Tensor) -> bool:
+    """Whether the fused norm, SwiGLU and short-convolution kernels of fla should run for input ``x``.
+
+    Yes on CUDA for every dtype but float64 (fla's kernels compute in float32 and store in the input's dtype, as
+    our PyTorch ops do) when fla imports and is not :func:`disabled`. One kernel replaces the 5-8 elementwise
+    launches and full-size float32 copies of the PyTorch op, forward and backward: on the GPU those were the top
+    consumers of both the NTP and the REFINE step (BENCHMARKS.md, issue 10's profile).
+    """
+    return x.is_cuda and x.dtype != torch.float64 and fla_enabled()
+
+
+def fla_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """fla's RMSNorm kernel (``fla.modules.norm.layernorm.rms_norm``); ``[..., D]`` in ``x.dtype``."""
+    layernorm = importlib.import_module("fla.modules.norm.layernorm")
+    return layernorm.rms_norm(x, weight, None, eps=eps)
+
+
+def fla_gated_rms_norm(
+    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str
+) -> torch.Tensor:
+    """fla's fused gated RMSNorm (``FusedRMSNormGated``'s function); ``[..., D]`` in ``x.dtype``."""
+    fused = importlib.import_module("fla.modules.norm.fused_norm_gate")
+    return fused.rms_norm_gated(x, gate, weight, None, activation=activation, eps=eps)
+
+
+def fla_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """fla's fused ``silu(gate) * up`` (forward and backward one kernel each)."""
+    activations = importlib.import_module("fla.modules.activations")
+    return activations.swiglu(gate, up)
+
+
+def fla_short_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    cache: torch.Tensor | None,
+    output_final_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla's Triton causal depthwise convolution (``fla.modules.causal_conv1d.causal_conv1d``, ``backend='triton'``).
+
+    ``weight`` is ``[D, 1, W]`` as :func:`refine_core.models.ops.short_conv` takes it; ``cache`` ``[B, D, W]`` is the
+    same layout as fla's ``initial_state``, and the returned cache too.
+    """
+    conv = importlib.import_module("fla.modules.causal_conv1d")
+    return conv.causal_conv1d(
+        x, weight.squeeze(1), bias, initial_state=cache, output_final_state=output_final_state,
+        activation=activation, backend="triton",
+    )
+
+
 def fla_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """fla's fused cross-entropy kernel: per-token losses, 0 where ``labels == ignore_index``.
 

@@ -1,7 +1,8 @@
-"""Normalisations used by DeltaNet / GatedDeltaNet, in plain PyTorch on every device.
+"""Normalisations and the SwiGLU activation used by DeltaNet / GatedDeltaNet: PyTorch on every device, fla's fused
+kernels on CUDA (:func:`refine_core.models.ops.fla_backend.use_fla_fused`).
 
-They reproduce fla 0.6.0's Triton kernels: the statistics and the products are taken in float32 (float64 stays
-float64), and the result is cast back to the input's dtype, as fla does before storing.
+The PyTorch versions reproduce fla 0.6.0's Triton kernels: the statistics and the products are taken in float32
+(float64 stays float64), and the result is cast back to the input's dtype, as fla does before storing.
 
 - :func:`rms_norm`: fla ``RMSNorm`` (``fla/modules/norm/layernorm.py``, ``layer_norm_fwd_kernel`` with ``IS_RMS_NORM``).
 - :func:`gated_rms_norm`: fla ``FusedRMSNormGated`` (``fla/modules/norm/fused_norm_gate.py``).
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from refine_core.models.ops import fla_backend
 
 _GATE_ACTIVATIONS = ("swish", "silu", "sigmoid")
 
@@ -40,6 +43,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Returns:
         ``[..., D]`` in ``x.dtype``.
     """
+    if fla_backend.use_fla_fused(x):
+        return fla_backend.fla_rms_norm(x, weight, eps)
     return _rms_normalize(x, weight, eps).to(x.dtype)
 
 
@@ -60,10 +65,19 @@ def gated_rms_norm(
     """
     if activation not in _GATE_ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is not supported; use one of {_GATE_ACTIVATIONS}")
+    if fla_backend.use_fla_fused(x) and gate.dtype == x.dtype:
+        return fla_backend.fla_gated_rms_norm(x, gate, weight, eps, activation)
     y = _rms_normalize(x, weight, eps)
     gf = gate.to(y.dtype)
     y = y * (torch.sigmoid(gf) if activation == "sigmoid" else F.silu(gf))
     return y.to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up`` (fla ``GatedMLP`` with ``hidden_act="swish"``), in the inputs' dtype."""
+    if fla_backend.use_fla_fused(gate) and gate.dtype == up.dtype and gate.shape == up.shape:
+        return fla_backend.fla_swiglu(gate, up)
+    return F.silu(gate) * up
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
