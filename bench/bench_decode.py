@@ -13,7 +13,8 @@ CLI (bf16 weights, random tokens; one JSON line per batch size)::
 From another script::
 
     from bench.bench_decode import measure_decode
-    rows = measure_decode(model, batches=(8, 64, 256), prompt_tokens=128, new_tokens=128, repeats=3)
+    for row in measure_decode(model, batches=(8, 64, 256), prompt_tokens=128, new_tokens=128, repeats=3):
+        print(row)  # one dict per batch size, yielded as soon as it is measured
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import argparse
 import importlib.util
 import json
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -118,7 +119,7 @@ def measure_decode(
     new_tokens: int = 128,
     repeats: int = 3,
     seed: int = 0,
-) -> list[dict[str, Any]]:
+) -> Iterator[dict[str, Any]]:
     """Decoding throughput of ``model`` (on CUDA, in its own dtype, e.g. bf16) per batch size.
 
     Every generation is greedy, reads a random ``prompt_tokens`` prompt and makes exactly ``new_tokens`` tokens
@@ -128,8 +129,8 @@ def measure_decode(
     The recurrent kernel comparison captures the step twice: with fla's ``fused_recurrent`` kernel and, under
     ``fla_backend.disabled()``, with our torch recurrence.
 
-    Returns:
-        One dict per batch size.
+    Yields:
+        One dict per batch size, as soon as it is measured (a slot that ends mid-way keeps the batches done).
     """
     if model.device.type != "cuda":
         raise ValueError(f"measure_decode needs a model on CUDA, not {model.device}")
@@ -146,7 +147,6 @@ def measure_decode(
         except Exception as exc:  # report, do not lose the other numbers
             hf_reason = f"building fla's model failed: {type(exc).__name__}: {exc}"
     gen = torch.Generator().manual_seed(seed)
-    rows = []
     for batch in batches:
         clear_decode_graphs()  # one batch's graphs at a time in memory
         prompt = torch.randint(3, vocab, (batch, prompt_tokens), generator=gen).to(model.device)
@@ -212,9 +212,8 @@ def measure_decode(
                 hf_agreement_fraction=round(float(same.float().mean()), 4),
                 hf_rows_identical_fraction=round(float(same.all(-1).float().mean()), 4),
             )
-        rows.append(row)
-    clear_decode_graphs()
-    return rows
+        clear_decode_graphs()
+        yield row
 
 
 def main() -> None:

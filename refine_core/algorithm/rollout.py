@@ -308,8 +308,11 @@ def sample_rollouts(
                 model, ids, mask, sampling, eos_token_id=eos_id, pad_token_id=pad_id, uniforms=uniforms[sl].to(device)
             ).tokens
             # Old log-probs and rollout states from a separate pass over prefix + y, as the official code does.
-            out = model(torch.cat([ids, y], 1), attention_mask=torch.cat([mask, torch.ones_like(y)], 1))
-            old_logp.append(_token_logp(out.logits[:, -k - 1 : -1], y, settings.temperature).cpu())
+            out = model(
+                torch.cat([ids, y], 1), attention_mask=torch.cat([mask, torch.ones_like(y)], 1), return_logits=False
+            )
+            logits = model.lm_head(out.hidden_states[:, -k - 1 : -1])  # no [rows, T, V] logits over the prefixes
+            old_logp.append(_token_logp(logits, y, settings.temperature).cpu())
             hidden.append(_fp32_or_wider(out.hidden_states[:, -k:]).cpu())
             tokens.append(y.cpu())
     elif engine == "branch":

@@ -141,8 +141,9 @@ def generate(
     device = input_ids.device
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
     if input_ids.shape[1] > 0:
-        out = model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
-        cache, next_logits = out.cache, out.logits[:, -1]
+        # Only the last position's logits: a [B, T, V] prefill (8 GB for 8 rows of 16K tokens) is never needed.
+        out = model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, return_logits=False)
+        cache, next_logits = out.cache, model.lm_head(out.hidden_states[:, -1])
     elif cache is None or next_logits is None:
         raise ValueError("generate needs a non-empty prompt, or both cache and next_logits to continue from")
     if use_graph:

@@ -80,8 +80,15 @@ class EosBoost(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         out = self.model(*args, **kwargs)
-        out.logits[..., EOS] += self.boost[:, None]  # [B, T]
+        if out.logits is not None:
+            out.logits[..., EOS] += self.boost[:, None]  # [B, T]
         return out
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, D] -> [B, V]`` with the same bonus (generate's prefill asks only for the last position's logits)."""
+        logits = self.model.lm_head(hidden)
+        logits[..., EOS] += self.boost
+        return logits
 
 
 class CountingStep(StaticDecodeStep):

@@ -66,11 +66,25 @@ def test_sampling_is_reproducible_and_matches_reference():
 def test_min_new_tokens_blocks_eos():
     model = tiny_model("delta_net")
 
-    def eos_loving(*args, **kwargs):
-        out = model(*args, **kwargs)
-        out.logits[..., EOS] += 100.0  # EOS would win every greedy step
-        return out
+    class EosLoving(torch.nn.Module):
+        """EOS would win every greedy step (generate reads logits from forward and, at the prefill, lm_head)."""
 
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args, **kwargs):
+            out = self.model(*args, **kwargs)
+            if out.logits is not None:
+                out.logits[..., EOS] += 100.0
+            return out
+
+        def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+            logits = self.model.lm_head(hidden)
+            logits[..., EOS] += 100.0
+            return logits
+
+    eos_loving = EosLoving()
     prompt = torch.randint(2, VOCAB, (2, 5))
     out = generate(eos_loving, prompt, sampling=SamplingConfig(max_new_tokens=6, min_new_tokens=4), eos_token_id=EOS)
     assert (out.tokens[:, :4] != EOS).all()
