@@ -202,10 +202,12 @@ def _assert_fused_close(fused: list[torch.Tensor], reference: list[torch.Tensor]
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
-def test_short_conv_fla_path_matches_torch(with_bias: bool) -> None:
+@pytest.mark.parametrize("T", [3, 100])
+def test_short_conv_fla_path_matches_torch(with_bias: bool, T: int) -> None:
     """The prefill / training conv (fla's Triton kernel) against the PyTorch op, forward and backward, from a cache
-    that needs gradients (REFINE's rollouts continue from the cut caches of the document pass)."""
-    D, W, T = 256, 4, 100
+    that needs gradients (REFINE's rollouts continue from the cut caches of the document pass). ``T = 3`` is shorter
+    than the kernel: part of the returned cache comes from the initial one."""
+    D, W = 256, 4
     x = torch.randn(B, T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     weight = (0.3 * torch.randn(D, 1, W, device=DEVICE)).requires_grad_()  # fp32 master weight, as under autocast
     bias = torch.randn(D, device=DEVICE, requires_grad=True) if with_bias else None
