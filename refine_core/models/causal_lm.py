@@ -25,6 +25,7 @@ from refine_core.models.configuration import DeltaNetConfig, FastWeightConfig, G
 from refine_core.models.deltanet import DeltaNet
 from refine_core.models.gated_deltanet import GatedDeltaNet
 from refine_core.models.layers import GatedMLP, RMSNorm
+from refine_core.models.ops.cut_states import CutPlan, plan_cuts
 
 
 @dataclass
@@ -60,7 +61,7 @@ class FastWeightBlock(nn.Module):
         attention_mask: torch.Tensor | None,
         state: LayerState | None,
         use_cache: bool,
-        cuts: torch.Tensor | None = None,
+        cuts: CutPlan | None = None,
     ) -> tuple[torch.Tensor, LayerState | None, LayerState | None]:
         mixed, new_state, cut_state = self.attn(self.attn_norm(hidden_states), attention_mask, state, use_cache, cuts)
         hidden_states = hidden_states + mixed
@@ -146,16 +147,18 @@ class FastWeightForCausalLM(nn.Module):
         """
         hidden = self.model.embeddings(input_ids)
         layers = self.model.layers
+        # One plan for all layers: the cut index and fla's offsets reach the device once per pass, not per layer.
+        plan = None if cuts is None else plan_cuts(cuts, input_ids.shape[1], hidden.device)
         new_cache = FastWeightCache.empty(len(layers)) if use_cache else None
         cut_cache = FastWeightCache.empty(len(layers)) if cuts is not None else None
         for i, block in enumerate(layers):
             state = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden, layer_state, cut_state = checkpoint(
-                    block, hidden, attention_mask, state, use_cache, cuts, use_reentrant=False
+                    block, hidden, attention_mask, state, use_cache, plan, use_reentrant=False
                 )
             else:
-                hidden, layer_state, cut_state = block(hidden, attention_mask, state, use_cache, cuts)
+                hidden, layer_state, cut_state = block(hidden, attention_mask, state, use_cache, plan)
             if new_cache is not None:
                 new_cache.layers[i] = layer_state
             if cut_cache is not None:

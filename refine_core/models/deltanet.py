@@ -17,6 +17,7 @@ from refine_core.models.configuration import DeltaNetConfig
 from refine_core.models.layers import GatedRMSNorm, RMSNorm, ShortConvolution
 from refine_core.models.ops import delta_rule, delta_rule_with_cuts
 from refine_core.models.ops.conv import conv_cache_at
+from refine_core.models.ops.cut_states import CutPlan, plan_cuts
 
 
 def apply_padding_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -30,8 +31,18 @@ def apply_padding_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tens
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]
 
 
+def as_cut_plan(cuts: torch.Tensor | CutPlan | None, x: torch.Tensor) -> CutPlan | None:
+    """``cuts`` ``[B, M]`` as the :class:`CutPlan` for rows ``x`` ``[B, T, ...]`` (a plan passes through unchanged).
+
+    The model makes the plan once per pass; a layer called on its own makes its own.
+    """
+    if cuts is None or isinstance(cuts, CutPlan):
+        return cuts
+    return plan_cuts(cuts, x.shape[1], x.device)
+
+
 def conv_qkv(
-    layer: nn.Module, x: torch.Tensor, state: LayerState | None, use_cache: bool, cuts: torch.Tensor | None = None
+    layer: nn.Module, x: torch.Tensor, state: LayerState | None, use_cache: bool, cuts: CutPlan | None = None
 ) -> QKV:
     """q, k, v through the layer's projections and short convolutions, continuing from ``state``'s conv caches.
 
@@ -47,7 +58,7 @@ def conv_qkv(
         outputs.append(y)
         new_caches.append(new)
         if cuts is not None:
-            cut_caches.append(conv_cache_at(pre, cache, cuts, conv.kernel_size[0]))
+            cut_caches.append(conv_cache_at(pre, cache, cuts.device_cuts, conv.kernel_size[0]))
     q, k, v = outputs
     return q, k, v, (tuple(new_caches) if use_cache else None), (tuple(cut_caches) if cuts is not None else None)
 
@@ -61,7 +72,7 @@ def mix(
     *,
     state: LayerState | None,
     use_cache: bool,
-    cuts: torch.Tensor | None,
+    cuts: CutPlan | None,
     use_qk_l2norm: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The delta rule of one layer: ``(o, state after all tokens or None, [B * M, H, K, V] states at cuts or None)``."""
@@ -106,7 +117,7 @@ class DeltaNet(nn.Module):
         self.o_proj = nn.Linear(config.value_dim, config.hidden_size, bias=False)
 
     def _qkv(
-        self, x: torch.Tensor, state: LayerState | None, use_cache: bool, cuts: torch.Tensor | None
+        self, x: torch.Tensor, state: LayerState | None, use_cache: bool, cuts: CutPlan | None
     ) -> QKV:
         if self.config.use_short_conv:
             return conv_qkv(self, x, state, use_cache, cuts)
@@ -121,7 +132,7 @@ class DeltaNet(nn.Module):
         attention_mask: torch.Tensor | None = None,
         state: LayerState | None = None,
         use_cache: bool = False,
-        cuts: torch.Tensor | None = None,
+        cuts: torch.Tensor | CutPlan | None = None,
     ) -> tuple[torch.Tensor, LayerState | None, LayerState | None]:
         """Mix tokens.
 
@@ -130,7 +141,8 @@ class DeltaNet(nn.Module):
             attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding (of this call's tokens only).
             state: this layer's state after the previous tokens, or ``None`` for an empty prefix.
             use_cache: return the state after these tokens.
-            cuts: ``[B, M]`` positions in ``[0, T]``; also return the state after the first ``cuts[b, j]`` tokens.
+            cuts: ``[B, M]`` positions in ``[0, T]`` or their :class:`CutPlan`; also return the state after the first
+                ``cuts[b, j]`` tokens.
 
         Returns:
             ``([B, T, D]`` output, the new state or ``None``, the states at the cuts (rows ``(b, j)``) or ``None``).
@@ -138,6 +150,7 @@ class DeltaNet(nn.Module):
         cfg = self.config
         batch, seq_len, _ = hidden_states.shape
         x = apply_padding_mask(hidden_states, attention_mask)
+        cuts = as_cut_plan(cuts, x)
         q, k, v, conv_states, cut_conv = self._qkv(x, state, use_cache, cuts)
         q = q.view(batch, seq_len, self.num_heads, self.head_k_dim)
         k = k.view(batch, seq_len, self.num_heads, self.head_k_dim)

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from refine_core.models.cache import LayerState
 from refine_core.models.configuration import GatedDeltaNetConfig
-from refine_core.models.deltanet import apply_padding_mask, conv_qkv, mix
+from refine_core.models.deltanet import apply_padding_mask, as_cut_plan, conv_qkv, mix
 from refine_core.models.layers import GatedRMSNorm, RMSNorm, ShortConvolution
+from refine_core.models.ops.cut_states import CutPlan
 
 
 class GatedDeltaNet(nn.Module):
@@ -68,12 +69,13 @@ class GatedDeltaNet(nn.Module):
         attention_mask: torch.Tensor | None = None,
         state: LayerState | None = None,
         use_cache: bool = False,
-        cuts: torch.Tensor | None = None,
+        cuts: torch.Tensor | CutPlan | None = None,
     ) -> tuple[torch.Tensor, LayerState | None, LayerState | None]:
         """Same contract as :meth:`refine_core.models.deltanet.DeltaNet.forward`."""
         cfg = self.config
         batch, seq_len, _ = hidden_states.shape
         x = apply_padding_mask(hidden_states, attention_mask)
+        cuts = as_cut_plan(cuts, x)
         if cfg.use_short_conv:
             q, k, v, conv_states, cut_conv = conv_qkv(self, x, state, use_cache, cuts)
         else:

@@ -54,7 +54,9 @@ def lm_loss_sum(
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
     for start in range(0, flat.numel(), chunk_tokens):
         h, y = hidden[start : start + chunk_tokens], flat[start : start + chunk_tokens]
-        if not bool((y != IGNORE_INDEX).any()):
+        # Skip an all-pad slice on the CPU; on the GPU asking would make the host wait for the queue, so the slice
+        # is computed (its ignored labels add 0).
+        if not y.is_cuda and not bool((y != IGNORE_INDEX).any()):
             continue
         if needs_grad and flat.numel() > chunk_tokens:
             total = total + checkpoint(_chunk_ce_sum, h, lm_head_weight, y, use_reentrant=False)

@@ -29,8 +29,9 @@ def _inputs(B: int, T: int, H: int, K: int, V: int, gated: bool, seed: int = 0) 
     }
 
 
-def torch_varlen(q, k, v, beta, g, cu_seqlens, initial_state):
+def torch_varlen(q, k, v, beta, g, cu_seqlens, initial_state, cu_seqlens_device=None):
     """A packed-sequence delta rule (fla's varlen contract) from the PyTorch chunked op, one sequence at a time."""
+    assert cu_seqlens.device.type == "cpu" and torch.equal(cu_seqlens_device.cpu(), cu_seqlens)
     outputs, finals = [], []
     bounds = cu_seqlens.tolist()
     for n, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
@@ -129,3 +130,25 @@ def test_conv_cache_at_cuts_equals_the_cache_after_each_prefix(with_cache: bool)
             else:
                 _, expected = short_conv(x[b : b + 1, :cut], weight, cache=row_cache, output_final_state=True)
             torch.testing.assert_close(got[b, j], expected[0])
+
+
+def test_cut_plan_packs_the_segments_and_gives_the_same_states() -> None:
+    """One plan per model pass: its packing is every row's segments back to back, and a layer given the plan computes
+    what it computes from the raw cuts."""
+    from refine_core.models.ops.cut_states import plan_cuts
+
+    inputs = _inputs(B=2, T=40, H=2, K=4, V=4, gated=False)
+    cuts = torch.tensor([[30, 5, 17], [1, 39, 20]])
+    plan = plan_cuts(cuts, 40, "cpu")
+    assert plan.cu_seqlens.tolist() == [0, 5, 17, 30, 40, 41, 60, 79, 80]
+    assert torch.equal(plan.cu_seqlens_device, plan.cu_seqlens) and not plan.has_empty
+    assert torch.equal(plan.sorted_cuts.gather(1, plan.inverse_order), cuts)
+    for method in ("segments", "varlen"):
+        kwargs = {"use_qk_l2norm": True, "method": method, "varlen": torch_varlen}
+        from_plan = delta_rule_with_cuts(**inputs, cuts=plan, **kwargs)
+        from_cuts = delta_rule_with_cuts(**inputs, cuts=cuts, **kwargs)
+        for a, b in zip(from_plan, from_cuts, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert plan_cuts(torch.tensor([[0, 3]]), 10, "cpu").has_empty
+    with pytest.raises(ValueError, match=r"cut plan is for \[B=2, T=40\]"):
+        delta_rule_with_cuts(**_inputs(B=2, T=41, H=2, K=4, V=4, gated=False), cuts=plan)

@@ -26,6 +26,7 @@ on the GPU).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -34,8 +35,74 @@ from refine_core.models.ops.delta_rule import check_delta_rule_inputs, delta_rul
 
 _METHODS = ("auto", "segments", "varlen")
 
-# (q, k, v, beta, g, cu_seqlens, initial_state) -> (o, final_states): a delta rule over packed sequences
+# (q, k, v, beta, g, cu_seqlens, initial_state, cu_seqlens_device=...) -> (o, final_states): a delta rule over packed
+# sequences; cu_seqlens on the CPU, cu_seqlens_device the same offsets on q's device (or None)
 VarlenDeltaRule = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class CutPlan:
+    """What every layer needs to know about one batch's cut points, computed once per model pass.
+
+    Each tensor that lives on the device is copied there once, from pinned memory without waiting: a plain
+    ``.to(device)`` of a CPU tensor waits for all queued GPU work (``memcpy_and_sync``), and done per layer (the conv
+    caches' gather index, fla's ``cu_seqlens``, the order of the cuts) it drained the GPU's queue some 8 times a
+    layer, which left the launch-bound branch step idle for much of its time. Passing the same ``cu_seqlens``
+    objects to every layer also lets fla's identity cache (``tensor_cache``) build its chunk index once per pass.
+    """
+
+    cuts: torch.Tensor  # [B, M] long, CPU, the caller's order
+    length: int  # T
+    sorted_cuts: torch.Tensor  # [B, M] long, CPU, ascending per row
+    inverse_order: torch.Tensor  # [B, M] long on the device: the caller's order from the sorted one
+    device_cuts: torch.Tensor  # [B, M] long on the device, the caller's order
+    has_empty: bool  # a repeated cut, or one at 0 or T (an empty segment: no varlen packing)
+    cu_seqlens: torch.Tensor  # [B * (M + 1) + 1] long, CPU: the segments packed row after row
+    cu_seqlens_device: torch.Tensor  # the same on the device
+
+    @property
+    def batch(self) -> int:
+        return self.cuts.shape[0]
+
+    @property
+    def num_cuts(self) -> int:
+        return self.cuts.shape[1]
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device`` without making the host wait for queued GPU work (pinned memory, asynchronous copy)."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def plan_cuts(cuts: torch.Tensor, length: int, device: torch.device | str) -> CutPlan:
+    """The :class:`CutPlan` of ``cuts`` ``[B, M]`` (positions in ``[0, T]``, any order) for rows of ``length`` tokens.
+
+    Raises:
+        ValueError: ``cuts`` is not 2-D or a cut lies outside ``[0, length]``.
+    """
+    device = torch.device(device)
+    cuts = cuts.detach().to("cpu", torch.long)
+    if cuts.dim() != 2:
+        raise ValueError(f"cuts must be [B, M], got {tuple(cuts.shape)}")
+    _check_cuts(cuts, cuts.shape[0], length)
+    B = cuts.shape[0]
+    sorted_cuts, order = cuts.sort(dim=1)
+    bounds = torch.cat([sorted_cuts.new_zeros(B, 1), sorted_cuts, sorted_cuts.new_full((B, 1), length)], 1)
+    starts, _ = _segment_bounds(sorted_cuts, length)
+    offsets = (torch.arange(B)[:, None] * length + starts).reshape(-1)
+    cu_seqlens = torch.cat([offsets, torch.tensor([B * length])])
+    return CutPlan(
+        cuts=cuts,
+        length=length,
+        sorted_cuts=sorted_cuts,
+        inverse_order=_to_device(order.argsort(dim=1), device),
+        device_cuts=_to_device(cuts, device),
+        has_empty=bool((bounds.diff(dim=1) == 0).any()),
+        cu_seqlens=cu_seqlens,
+        cu_seqlens_device=_to_device(cu_seqlens, device),
+    )
 
 
 def _check_cuts(cuts: torch.Tensor, batch: int, length: int) -> None:
@@ -112,17 +179,17 @@ def _states_by_varlen(
     v: torch.Tensor,
     beta: torch.Tensor,
     g: torch.Tensor | None,
-    cuts: torch.Tensor,
+    plan: CutPlan,
     initial_state: torch.Tensor | None,
     varlen: VarlenDeltaRule,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``varlen`` method on sorted cuts with no empty segment; see the module docstring for the math."""
+    """The ``varlen`` method on a plan with no empty segment; see the module docstring for the math."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    M = cuts.shape[1]
-    starts, _ = _segment_bounds(cuts.cpu(), T)
-    offsets = (torch.arange(B)[:, None] * T + starts).reshape(-1)
-    cu_seqlens = torch.cat([offsets, torch.tensor([B * T])])  # on the CPU: fla reads the lengths there
+    M = plan.num_cuts
+    # fla reads the lengths on the CPU and the offsets on the device: both come from the plan, the same objects for
+    # every layer and both passes
+    packing = {"cu_seqlens": plan.cu_seqlens, "cu_seqlens_device": plan.cu_seqlens_device}
 
     def packed(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else x.reshape(1, B * T, *x.shape[2:])
@@ -132,7 +199,8 @@ def _states_by_varlen(
     # Pass 1: every segment from the start state [0 | I], values [v | 0]: its end state is [Z | P].
     eye = torch.eye(K, dtype=state_dtype, device=q.device).expand(B * (M + 1), H, K, K)
     h0 = torch.cat([eye.new_zeros(B * (M + 1), H, K, V), eye], -1)
-    _, ends = varlen(pq, pk, torch.cat([pv, pv.new_zeros(*pv.shape[:-1], K)], -1), pbeta, pg, cu_seqlens, h0)
+    wide_v = torch.cat([pv, pv.new_zeros(*pv.shape[:-1], K)], -1)
+    _, ends = varlen(pq, pk, wide_v, pbeta, pg, initial_state=h0, **packing)
     ends = ends.view(B, M + 1, H, K, V + K)
     zero_start, transition = ends[..., :V], ends[..., V:]
     # The chain: S_{j+1} = P_j S_j + Z_j, from the row's initial state.
@@ -142,7 +210,7 @@ def _states_by_varlen(
         state = transition[:, j] @ state + zero_start[:, j]
         segment_starts.append(state)
     # Pass 2: every segment from its true start state gives the exact outputs and the states at the cuts.
-    o, finals = varlen(pq, pk, pv, pbeta, pg, cu_seqlens, torch.stack(segment_starts, 1).view(-1, H, K, V))
+    o, finals = varlen(pq, pk, pv, pbeta, pg, initial_state=torch.stack(segment_starts, 1).view(-1, H, K, V), **packing)
     finals = finals.view(B, M + 1, H, K, V)
     return o.view(B, T, H, V), finals[:, M], finals[:, :M]
 
@@ -150,10 +218,11 @@ def _states_by_varlen(
 def fla_varlen_delta_rule(scale: float, use_qk_l2norm: bool) -> VarlenDeltaRule:
     """fla's chunked (gated) delta rule over packed sequences, as the ``varlen`` method calls it."""
 
-    def run(q, k, v, beta, g, cu_seqlens, initial_state):
+    def run(q, k, v, beta, g, cu_seqlens, initial_state, cu_seqlens_device=None):
         return fla_backend.fla_delta_rule(
             q, k, v, beta, g, scale=scale, initial_state=initial_state, output_final_state=True,
             use_qk_l2norm=use_qk_l2norm, recurrent=False, chunk_size=64, cu_seqlens=cu_seqlens,
+            cu_seqlens_device=cu_seqlens_device,
         )
 
     return run
@@ -166,7 +235,7 @@ def delta_rule_with_cuts(
     beta: torch.Tensor,
     g: torch.Tensor | None = None,
     *,
-    cuts: torch.Tensor,
+    cuts: torch.Tensor | CutPlan,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     use_qk_l2norm: bool = False,
@@ -177,8 +246,9 @@ def delta_rule_with_cuts(
 
     Args:
         q, k, v, beta, g, scale, initial_state, use_qk_l2norm: as :func:`refine_core.models.ops.delta_rule`.
-        cuts: ``[B, M]`` integer positions in ``[0, T]``, in any order; state ``j`` of row ``b`` has read tokens
-            ``[0, cuts[b, j])`` of that row (pads included: they leave the state untouched).
+        cuts: ``[B, M]`` integer positions in ``[0, T]``, in any order, or their :class:`CutPlan` (made once per
+            model pass by :func:`plan_cuts`); state ``j`` of row ``b`` has read tokens ``[0, cuts[b, j])`` of that
+            row (pads included: they leave the state untouched).
         method: ``"segments"``, ``"varlen"`` or ``"auto"`` (``varlen`` where fla's kernel would run the chunked
             delta rule for these inputs, ``segments`` otherwise).
         varlen: the packed-sequence delta rule for ``method="varlen"`` (fla's by default; tests pass a PyTorch one).
@@ -191,19 +261,21 @@ def delta_rule_with_cuts(
         raise ValueError(f"method={method!r} is not one of {_METHODS}")
     check_delta_rule_inputs(q, k, v, beta, g, initial_state)
     B, T = q.shape[:2]
-    _check_cuts(cuts, B, T)
+    if isinstance(cuts, CutPlan):
+        if (cuts.batch, cuts.length) != (B, T):
+            raise ValueError(f"the cut plan is for [B={cuts.batch}, T={cuts.length}], the inputs are [B={B}, T={T}]")
+        plan = cuts
+    else:
+        _check_cuts(cuts, B, T)
+        plan = plan_cuts(cuts, T, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if cuts.shape[1] == 0:
+    if plan.num_cuts == 0:
         o, final = delta_rule(
             q, k, v, beta, g, scale=scale, initial_state=initial_state, output_final_state=True,
             use_qk_l2norm=use_qk_l2norm, mode="chunk",
         )
         return o, final, final.new_zeros(B, 0, *final.shape[1:])
-    cuts = cuts.to(torch.long)
-    sorted_cuts, order = cuts.cpu().sort(dim=1)
     # Empty segments (repeated cuts, a cut at 0 or T) have no place in a packed batch; the segment loop allows them.
-    bounds = torch.cat([sorted_cuts.new_zeros(B, 1), sorted_cuts, sorted_cuts.new_full((B, 1), T)], 1)
-    has_empty = bool((bounds.diff(dim=1) == 0).any())
     if method == "auto":
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, beta, g, initial_state)
@@ -211,18 +283,18 @@ def delta_rule_with_cuts(
         uses_fla = fla_backend.use_fla_delta_rule(
             q, k, v, gated=g is not None, recurrent=False, needs_grad=needs_grad
         )
-        method = "varlen" if uses_fla and not has_empty else "segments"
+        method = "varlen" if uses_fla and not plan.has_empty else "segments"
     if method == "varlen":
-        if has_empty:
+        if plan.has_empty:
             raise ValueError("method='varlen' needs distinct cuts strictly inside (0, T); use method='segments'")
         o, final, states = _states_by_varlen(
-            q, k, v, beta, g, sorted_cuts, initial_state, varlen or fla_varlen_delta_rule(scale, use_qk_l2norm)
+            q, k, v, beta, g, plan, initial_state, varlen or fla_varlen_delta_rule(scale, use_qk_l2norm)
         )
     else:
         o, final, states = _states_by_segments(
-            q, k, v, beta, g, sorted_cuts, initial_state, scale=scale, use_qk_l2norm=use_qk_l2norm
+            q, k, v, beta, g, plan.sorted_cuts, initial_state, scale=scale, use_qk_l2norm=use_qk_l2norm
         )
     # Back to the caller's order of cuts.
-    inverse = order.argsort(dim=1).to(states.device)
+    inverse = plan.inverse_order.to(states.device)
     states = states.gather(1, inverse.view(B, -1, 1, 1, 1).expand_as(states))
     return o, final, states

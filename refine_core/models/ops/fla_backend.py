@@ -134,6 +134,7 @@ def fla_delta_rule(
     recurrent: bool,
     chunk_size: int,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_device: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run fla's (gated) delta-rule kernel; arguments as :func:`refine_core.models.ops.delta_rule`.
 
@@ -144,7 +145,9 @@ def fla_delta_rule(
 
     ``cu_seqlens`` (int64 ``[N + 1]`` on the CPU, with ``B = 1``) packs N sequences into one row (fla's varlen
     mode); the initial and final states are then ``[N, H, K, V]``. fla gets it on the device and, for the chunked
-    kernels, the CPU copy too, so that building its chunk index does not wait for the GPU.
+    kernels, the CPU copy too, so that building its chunk index does not wait for the GPU. ``cu_seqlens_device`` is
+    that device copy when the caller has one (copied once for all layers); otherwise it is made here, which waits
+    for the GPU's queue.
 
     Returns:
         ``(o, final_state)``: ``[B, T, H, V]`` in q's dtype, and ``[B, H, K, V]`` float32 or ``None``.
@@ -156,7 +159,8 @@ def fla_delta_rule(
         "use_qk_l2norm_in_kernel": use_qk_l2norm,
     }
     if cu_seqlens is not None:
-        common["cu_seqlens"] = cu_seqlens.to(q.device, torch.long)
+        on_device = cu_seqlens_device if cu_seqlens_device is not None else cu_seqlens.to(q.device, torch.long)
+        common["cu_seqlens"] = on_device
         if not recurrent:
             common["cu_seqlens_cpu"] = cu_seqlens.cpu().long()
     beta = beta.to(q.dtype)
