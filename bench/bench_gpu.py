@@ -38,12 +38,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.triton_cache_parts import pack_cache, unpack_cache  # noqa: E402  (needs REPO on the path as a script)
 
 MODELS = {
     "340m": {"hidden_size": 1024, "num_hidden_layers": 24, "num_heads": 8, "vocab_size": 32000},
@@ -360,33 +361,6 @@ def _copy_out(state: Path, out: Path | None) -> None:
     for name in ("results.jsonl", "run.log", "tests.log"):
         if (state / name).exists():
             (out / name).write_bytes((state / name).read_bytes())
-
-
-def pack_cache(state: Path, out: Path, part_mib: int = 15) -> None:
-    """``<state>/triton`` as ``triton-cache.tar.xz.partNN`` files of at most ``part_mib`` MiB in ``out``."""
-    blob = state / "triton-cache.tar.xz"
-    with tarfile.open(blob, "w:xz", preset=1) as tar:
-        tar.add(state / "triton", arcname="triton")
-    data = blob.read_bytes()
-    size = part_mib * 2**20
-    for i in range(0, len(data), size):
-        (out / f"triton-cache.tar.xz.part{i // size:02d}").write_bytes(data[i : i + size])
-    print(f"packed the Triton cache: {len(data) / 2**20:.1f} MiB in {(len(data) + size - 1) // size} part(s)")
-
-
-def unpack_cache(state: Path, source: Path) -> None:
-    parts = sorted(source.glob("triton-cache.tar.xz.part*"))
-    if not parts:
-        return
-    blob = state / "triton-cache.tar.xz"
-    blob.write_bytes(b"".join(p.read_bytes() for p in parts))
-    with tarfile.open(blob, "r:xz") as tar:
-        tar.extractall(state, filter="data")
-    print(f"unpacked the Triton cache from {len(parts)} part(s): {_count(state / 'triton')} kernels")
-
-
-def _count(path: Path) -> int:
-    return sum(1 for p in path.iterdir() if p.is_dir()) if path.is_dir() else 0
 
 
 def run(args: argparse.Namespace) -> None:

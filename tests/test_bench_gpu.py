@@ -29,3 +29,18 @@ def test_summary_and_done_parts_keep_cards_apart(tmp_path):
     assert json.loads(latest.read_text()) == older
     assert _done(tmp_path, h100) == {"steps-340m-4k"}
     assert _done(tmp_path, h200) == {"env", "steps-340m-4k"}
+
+
+def test_triton_cache_parts_round_trip(tmp_path):
+    """The cache packed into small parts in one slot unpacks into the next slot's state folder unchanged."""
+    from bench.triton_cache_parts import pack_cache, unpack_cache
+
+    kernel = tmp_path / "slot1" / "triton" / "abc123"
+    kernel.mkdir(parents=True)
+    (kernel / "kernel.cubin").write_bytes(bytes(range(256)) * 64)
+    out = tmp_path / "out"
+    out.mkdir()
+    pack_cache(tmp_path / "slot1", out, part_mib=1)
+    (tmp_path / "slot2").mkdir()  # run() makes the state folder before unpacking
+    unpack_cache(tmp_path / "slot2", out)
+    assert (tmp_path / "slot2" / "triton" / "abc123" / "kernel.cubin").read_bytes() == bytes(range(256)) * 64
