@@ -67,7 +67,10 @@ PARTS: dict[str, tuple[int, list[str]]] = {
     "tests": (120, ["tests"]),
     "steps-340m-4k": (60, ["steps", "340m", "4096", "ntp,branch,faithful"]),
     "decode-340m": (80, ["decode", "340m"]),
-    "steps-1p3b-16k": (240, ["steps", "1p3b", "16384", "ntp,branch,faithful"]),
+    "steps-1p3b-16k": (240, ["steps", "1p3b", "16384", "ntp,branch"]),
+    # The faithful engine on its own slot: its first 1.3B / 16K step re-encodes 16 prefixes of up to 16K tokens
+    # three times; the NTP case again gives the ratio within its own process.
+    "faithful-1p3b-16k": (300, ["steps", "1p3b", "16384", "ntp,faithful"]),
     "profile-340m-4k": (45, ["profile", "340m", "4096"]),
     "profile-1p3b-16k": (90, ["profile", "1p3b", "16384"]),
     "decode-1p3b": (150, ["decode", "1p3b"]),
@@ -349,9 +352,28 @@ def _card() -> str:
     return out[0].strip() if out else "unknown"
 
 
+def _part_key(record: dict) -> str:
+    """The ``PARTS`` name a record was measured under (older records lack it: their own ``part`` name)."""
+    return record.get("part_key") or record["part"]
+
+
 def _done(state: Path, card: str) -> set[str]:
-    """Parts already measured on this kind of card (a slot on another card measures them again)."""
-    return {r["part"] for r in _records(state) if r.get("card") == card}
+    """Parts fully measured on this kind of card (a slot on another card measures them again).
+
+    A ``steps`` part is done only when every one of its cases has a record: a slot that ran out of time after the
+    NTP case measures the part again (the ratios come from one process, so its NTP case runs again too).
+    """
+    seen: dict[str, set] = {}
+    for r in _records(state):
+        if r.get("card") == card:
+            seen.setdefault(_part_key(r), set()).add(r.get("case"))
+    done = set()
+    for name, cases in seen.items():
+        argv = PARTS.get(name, (0, []))[1]
+        wanted = set(argv[3].split(",")) if argv[:1] == ["steps"] else set()
+        if wanted <= cases:
+            done.add(name)
+    return done
 
 
 def _copy_out(state: Path, out: Path | None) -> None:
@@ -412,7 +434,8 @@ def run(args: argparse.Namespace) -> None:
             results = [line[len("RESULT ") :] for line in output.splitlines() if line.startswith("RESULT ")]
             with open(state / "results.jsonl", "a") as f:
                 for line in results:
-                    f.write(json.dumps({**json.loads(line), "card": card}) + "\n")
+                    extra = {"card": card, "part_key": name, **({"commit": args.commit} if args.commit else {})}
+                    f.write(json.dumps({**json.loads(line), **extra}) + "\n")
             print(f"[done] {name}: exit {code}, {len(results)} result(s), {time.perf_counter() - t0:.0f}s", flush=True)
             if code != 0:
                 print("\n".join(output.splitlines()[-25:]), flush=True)
@@ -438,18 +461,21 @@ def _card_records(state: Path, card: str | None) -> tuple[str | None, list[dict]
 def summarize(args: argparse.Namespace) -> dict:
     """The issue's headline figures from ``results.jsonl``; written to ``--latest`` when given."""
     card, records = _card_records(Path(args.state), args.card)
-    env = next((r for r in records if r["part"] == "env"), {})
+    env = next((r for r in reversed(records) if r["part"] == "env"), {})
 
+    # The newest record of a measurement wins (a part measured again after a change replaces the older figure).
     def step(part: str, case: str) -> dict:
-        return next((r for r in records if r["part"] == part and r.get("case") == case and "error" not in r), {})
+        return next(
+            (r for r in reversed(records) if r["part"] == part and r.get("case") == case and "error" not in r), {}
+        )
 
     def decode(part: str, batch: int) -> dict:
-        return next((r for r in records if r["part"] == part and r.get("batch") == batch), {})
+        return next((r for r in reversed(records) if r["part"] == part and r.get("batch") == batch), {})
 
     peak = env.get("dense_bf16_tflops_datasheet")
     ntp13 = step("steps-1p3b-16k", "ntp")
-    cold = next((r for r in records if r["part"].startswith("cold-")), {})
-    warm = next((r for r in records if r["part"].startswith("warm-")), {})
+    cold = next((r for r in reversed(records) if r["part"].startswith("cold-")), {})
+    warm = next((r for r in reversed(records) if r["part"].startswith("warm-")), {})
     latest = {
         "card": card, "date": env.get("date"), "torch": env.get("torch"), "triton": env.get("triton"),
         "fla": env.get("fla"), "transformers": env.get("transformers"),
@@ -473,7 +499,8 @@ def summarize(args: argparse.Namespace) -> dict:
         "steady_refine_over_ntp_340m_4k_first_steps_part": next(
             (round(r["steady_refine_step_s"] / r["steady_ntp_step_s"], 2) for r in (warm, cold) if r), None
         ),
-        "parts_done": sorted({r["part"] for r in records}),
+        "parts_done": sorted({_part_key(r) for r in records}),
+        "commits": sorted({r["commit"] for r in records if r.get("commit")}),
     }
     print(json.dumps(latest, indent=1))
     if getattr(args, "latest", None):
@@ -484,7 +511,7 @@ def summarize(args: argparse.Namespace) -> dict:
 def tables(args: argparse.Namespace) -> None:
     """Markdown tables of everything in ``results.jsonl`` (for BENCHMARKS.md)."""
     _, records = _card_records(Path(args.state), args.card)
-    env = next((r for r in records if r["part"] == "env"), {})
+    env = next((r for r in reversed(records) if r["part"] == "env"), {})
     peak = env.get("dense_bf16_tflops_datasheet") or float("nan")
     matmul = env.get("matmul_tflops") or float("nan")
     print(f"{env.get('card')}, {env.get('date')}, torch {env.get('torch')}, triton {env.get('triton')}, fla "
@@ -538,6 +565,7 @@ def main() -> None:
     p_run.add_argument("--force", action="store_true", help="run the named parts even past the budget estimate")
     p_run.add_argument("--pack-cache", action="store_true")
     p_run.add_argument("--unpack-cache", help="a folder holding triton-cache.tar.xz.part* files")
+    p_run.add_argument("--commit", help="the git commit measured (the device's copy has no .git); kept per record")
     p_part = sub.add_parser("part", help="one measurement (run by `run` in a fresh process)")
     p_part.add_argument("argv", nargs="+")
     p_part.add_argument("--state", default=".bench_state")

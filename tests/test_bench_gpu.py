@@ -15,10 +15,14 @@ def _write(state, records) -> None:
 def test_summary_and_done_parts_keep_cards_apart(tmp_path):
     h200, h100 = "NVIDIA H200", "NVIDIA H100 80GB HBM3"
     step = {"part": "steps-340m-4k", "case": "branch"}
+    others = [
+        {"part": "steps-340m-4k", "case": case, "card": card} for case in ("ntp", "faithful") for card in (h200, h100)
+    ]
     _write(tmp_path, [
         {"part": "env", "card": h200, "date": "2026-12-05", "torch": "2.11"},
         {**step, "ratio_to_ntp": 3.37, "card": h200},
         {**step, "ratio_to_ntp": 2.75, "card": h100},
+        *others,
     ])
     newest = summarize(argparse.Namespace(state=str(tmp_path), latest=None, card=None))
     assert newest["card"] == h100 and newest["refine_branch_over_ntp_340m_4k"] == 2.75
@@ -29,6 +33,26 @@ def test_summary_and_done_parts_keep_cards_apart(tmp_path):
     assert json.loads(latest.read_text()) == older
     assert _done(tmp_path, h100) == {"steps-340m-4k"}
     assert _done(tmp_path, h200) == {"env", "steps-340m-4k"}
+
+
+def test_a_steps_part_cut_short_is_measured_again_and_the_newest_record_wins(tmp_path):
+    """A slot that ran out of time after the NTP case leaves the part undone; a later slot's figures replace it."""
+    card = "NVIDIA H100 80GB HBM3"
+    old = {"part": "steps-1p3b-16k", "card": card}  # written before records carried their PARTS key
+    _write(tmp_path, [{**old, "case": "ntp", "tokens_per_s": 100, "achieved_tflops": 1.0}])
+    assert _done(tmp_path, card) == set()
+    new = {**old, "part_key": "steps-1p3b-16k", "commit": "abc1234"}
+    faithful = {**old, "part_key": "faithful-1p3b-16k", "commit": "abc1234"}
+    _write(tmp_path, [
+        {**old, "case": "ntp", "tokens_per_s": 100},
+        {**new, "case": "ntp", "tokens_per_s": 200},
+        {**new, "case": "branch", "ratio_to_ntp": 2.0, "peak_mem_gib": 30.0},
+        {**faithful, "case": "ntp", "tokens_per_s": 210},
+    ])
+    assert _done(tmp_path, card) == {"steps-1p3b-16k"}  # the faithful part still lacks its faithful case
+    latest = summarize(argparse.Namespace(state=str(tmp_path), latest=None, card=card))
+    assert latest["ntp_tok_s_1p3b_16k"] == 210 and latest["refine_branch_over_ntp_1p3b_16k"] == 2.0
+    assert latest["refine_peak_mem_gib_1p3b_16k"] == 30.0 and latest["commits"] == ["abc1234"]
 
 
 def test_triton_cache_parts_round_trip(tmp_path):
