@@ -2,8 +2,11 @@
 
 For DeltaNet-style layers the whole past is summarised by a fixed-size state per layer, whatever the length:
 the fast-weight matrix ``S`` (``[B, H, K, V]``, float32) and the last inputs of the three short convolutions.
-Decoding feeds new tokens with this cache instead of re-encoding the prefix, and REFINE's rollouts branch from it
-(clone, select or repeat rows), so the operations here are cheap tensor copies.
+LaCT layers keep :class:`refine_core.models.lact.LaCTState` instead (fast weights, momentum, the current chunk's
+gradient sum, the attention window). Decoding feeds new tokens with this cache instead of re-encoding the prefix,
+and REFINE's rollouts branch from it (clone, select or repeat rows), so the operations here are cheap tensor copies
+over every tensor of every layer's state, whatever its type: each state's tensors have the row as their first
+dimension and the state offers ``map``, ``cat`` and ``tensors``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,24 @@ class LayerState:
         conv = None if self.conv_states is None else tuple(None if c is None else fn(c) for c in self.conv_states)
         rec = None if self.recurrent_state is None else fn(self.recurrent_state)
         return LayerState(recurrent_state=rec, conv_states=conv)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.recurrent_state, *(self.conv_states or ())) if t is not None]
+
+    @property
+    def batch_size(self) -> int:
+        return self.recurrent_state.shape[0] if self.recurrent_state is not None else 0
+
+    @staticmethod
+    def cat(states: list[LayerState]) -> LayerState:
+        rec = [s.recurrent_state for s in states]
+        conv = [s.conv_states for s in states]
+        return LayerState(
+            recurrent_state=None if rec[0] is None else torch.cat(rec, dim=0),
+            conv_states=None
+            if conv[0] is None
+            else tuple(None if parts[0] is None else torch.cat(parts, dim=0) for parts in zip(*conv, strict=True)),
+        )
 
 
 @dataclass
@@ -62,35 +83,15 @@ class FastWeightCache:
         """Stack the rows of several caches of the same model into one batch (e.g. one prefix per cut point)."""
         if not caches:
             raise ValueError("FastWeightCache.cat needs at least one cache")
-        layers = []
-        for states in zip(*(c.layers for c in caches), strict=True):
-            rec = [s.recurrent_state for s in states]
-            conv = [s.conv_states for s in states]
-            layers.append(
-                LayerState(
-                    recurrent_state=None if rec[0] is None else torch.cat(rec, dim=0),
-                    conv_states=None
-                    if conv[0] is None
-                    else tuple(
-                        None if parts[0] is None else torch.cat(parts, dim=0) for parts in zip(*conv, strict=True)
-                    ),
-                )
-            )
+        layers = [type(states[0]).cat(list(states)) for states in zip(*(c.layers for c in caches), strict=True)]
         return FastWeightCache(layers=layers, seen_tokens=max(c.seen_tokens for c in caches))
 
     @property
     def batch_size(self) -> int:
         for layer in self.layers:
-            if layer.recurrent_state is not None:
-                return layer.recurrent_state.shape[0]
+            if layer.batch_size:
+                return layer.batch_size
         return 0
 
     def nbytes(self) -> int:
-        total = 0
-        for layer in self.layers:
-            if layer.recurrent_state is not None:
-                total += layer.recurrent_state.numel() * layer.recurrent_state.element_size()
-            for c in layer.conv_states or ():
-                if c is not None:
-                    total += c.numel() * c.element_size()
-        return total
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())

@@ -21,9 +21,10 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from refine_core.models.cache import FastWeightCache, LayerState
-from refine_core.models.configuration import DeltaNetConfig, FastWeightConfig, GatedDeltaNetConfig
+from refine_core.models.configuration import DeltaNetConfig, FastWeightConfig, GatedDeltaNetConfig, LaCTConfig
 from refine_core.models.deltanet import DeltaNet
 from refine_core.models.gated_deltanet import GatedDeltaNet
+from refine_core.models.lact import LaCT
 from refine_core.models.layers import GatedMLP, RMSNorm
 from refine_core.models.ops.cut_states import CutPlan, plan_cuts
 
@@ -42,6 +43,8 @@ def _make_mixer(config: FastWeightConfig, layer_idx: int) -> nn.Module:
         return GatedDeltaNet(config, layer_idx)
     if isinstance(config, DeltaNetConfig):
         return DeltaNet(config, layer_idx)
+    if isinstance(config, LaCTConfig):
+        return LaCT(config, layer_idx)
     raise TypeError(f"no token mixer for config type {type(config).__name__}")
 
 
@@ -80,7 +83,7 @@ class FastWeightModel(nn.Module):
 
 
 class FastWeightForCausalLM(nn.Module):
-    """A DeltaNet or GatedDeltaNet language model with fla-compatible weights."""
+    """A DeltaNet or GatedDeltaNet language model with fla-compatible weights, or LaCT with upstream's."""
 
     def __init__(self, config: FastWeightConfig) -> None:
         super().__init__()
@@ -110,6 +113,8 @@ class FastWeightForCausalLM(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, LaCT):  # upstream: its fast-weight initial values and q/k scale, after the Linears
+            module.reset_fast_weights()
 
     @property
     def device(self) -> torch.device:

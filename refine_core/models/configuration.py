@@ -202,9 +202,96 @@ class GatedDeltaNetConfig(FastWeightConfig):
         return self.value_heads * self.head_v_dim
 
 
+@dataclass
+class LaCTConfig(FastWeightConfig):
+    """Upstream LaCT's ``LaCTSWIGLUConfig`` (``model_type='lact_swiglu'``, ``a1600012888/LaCT``, ``lact_llm/``).
+
+    Field names and defaults are upstream's, so its ``config.json`` files load here and ours load there. The
+    DeltaNet-family fields of the base class (``num_heads``, ``use_short_conv``, ...) mean nothing to LaCT and are
+    not written. One field is ours: ``pad_into_fast_weights`` reproduces the official REFINE code, whose LaCT
+    writes left-pad tokens into the fast weights and counts them in the chunk boundaries and positions (spec §10.3);
+    by default pads are absent, as they are for DeltaNet.
+    """
+
+    model_type: ClassVar[str] = "lact_swiglu"
+    architecture: ClassVar[str] = "LaCTForCausalLM"
+    _NOT_LACT: ClassVar[frozenset[str]] = frozenset(
+        {"num_heads", "use_gate", "use_short_conv", "conv_size", "allow_neg_eigval", "attn", "attnres_block_size"}
+    )
+
+    num_attn_heads: int = 32
+    num_lact_heads: int = 4
+    inter_multi: float = 1
+    qkv_bias: bool = False
+    attn_qk_norm: bool = False
+    lact_chunk_size: int = 2048
+    use_muon: bool = False
+    lr_dim: int = 1
+    qkv_silu: bool = True
+    no_v_silu: bool = False
+    lr_parameterization: str = "mamba"
+    learnable_ttt_scale: bool = True
+    use_momentum: bool = True
+    ttt_loss_type: str = "dot_product"
+    ttt_prenorm: bool = False
+    ttt_nope: bool = False
+    w0_w2_low_rank: int = -1
+    window_size: int = 2048
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.006
+    fw_init_gain: float = 0.5
+    elementwise_affine: bool = True
+    use_fused_kernel: bool = False  # upstream's optional Triton path: the same math, so ignored here
+    fp32_states: bool = False
+    pad_into_fast_weights: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = [
+            (self.hidden_size % self.num_attn_heads == 0, f"hidden_size {self.hidden_size} is not divisible by "
+             f"num_attn_heads={self.num_attn_heads}"),
+            (self.hidden_size % self.num_lact_heads == 0, f"hidden_size {self.hidden_size} is not divisible by "
+             f"num_lact_heads={self.num_lact_heads}"),
+            (self.lr_dim == 1, f"lr_dim={self.lr_dim}; only 1 (one learning rate per token and fast weight) is "
+             "supported, as in every published LaCT config"),
+            (self.lr_parameterization == "mamba", f"lr_parameterization={self.lr_parameterization!r}; upstream "
+             "implements only 'mamba'"),
+            (self.ttt_loss_type == "dot_product", f"ttt_loss_type={self.ttt_loss_type!r}; upstream implements only "
+             "'dot_product'"),
+            (self.lact_chunk_size > 0 and self.window_size > 0, "lact_chunk_size and window_size must be positive"),
+            (self.elementwise_affine, "elementwise_affine=False is not supported"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"lact_swiglu: {message}.")
+        if (self.hidden_size // self.num_attn_heads) % 2:
+            raise ValueError("lact_swiglu: the attention head dim must be even (RoPE rotates halves).")
+
+    @property
+    def head_dim(self) -> int:
+        """Dimension of one sliding-window attention head."""
+        return self.hidden_size // self.num_attn_heads
+
+    @property
+    def fw_head_dim(self) -> int:
+        """Input/output dimension of one fast-weight (TTT) head."""
+        return self.hidden_size // self.num_lact_heads
+
+    @property
+    def fw_hidden_dim(self) -> int:
+        """Hidden dimension of the fast-weight SwiGLU MLP of one head."""
+        return int(self.fw_head_dim * self.inter_multi)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in super().to_dict().items() if k not in self._NOT_LACT}
+        out.pop("attn_mode", None)  # a DeltaNet kernel choice
+        return out
+
+
 CONFIG_CLASSES: dict[str, type[FastWeightConfig]] = {
     DeltaNetConfig.model_type: DeltaNetConfig,
     GatedDeltaNetConfig.model_type: GatedDeltaNetConfig,
+    LaCTConfig.model_type: LaCTConfig,
 }
 
 
@@ -213,7 +300,6 @@ def config_from_dict(data: dict[str, Any]) -> FastWeightConfig:
     model_type = data.get("model_type")
     if model_type not in CONFIG_CLASSES:
         raise ValueError(
-            f"model_type={model_type!r} is not supported; refine_core implements {sorted(CONFIG_CLASSES)} "
-            "(LaCT's 'lact_swiglu' arrives in a later release)."
+            f"model_type={model_type!r} is not supported; refine_core implements {sorted(CONFIG_CLASSES)}."
         )
     return CONFIG_CLASSES[model_type].from_dict(data)
