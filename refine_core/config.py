@@ -32,10 +32,12 @@ class ModelConfig:
     # Where pretrained weights come from: a hub name (``fla-hub/delta_net-1.3B-100B``), a local HF directory, or an
     # ``s3://bucket/prefix`` URI. ``None`` builds a fresh model from ``arch`` + ``config``.
     source: str | None = None
-    # Model family for from-scratch runs: ``delta_net`` or ``gated_deltanet`` (fla's ``model_type`` names).
+    # Model family for from-scratch runs: ``delta_net`` or ``gated_deltanet`` (fla's ``model_type`` names), or
+    # ``lact`` (upstream LaCT's ``lact_swiglu``).
     arch: str = "delta_net"
-    # Architecture fields with fla's names (hidden_size, num_hidden_layers, num_heads, vocab_size, ...). With a
-    # ``source`` these override the checkpoint's config.json (only harmless fields; shapes must still match).
+    # Architecture fields with fla's / upstream LaCT's names (hidden_size, num_hidden_layers, num_heads or
+    # num_attn_heads / num_lact_heads, vocab_size, ...). With a ``source`` these override the checkpoint's
+    # config.json (only harmless fields; shapes must still match).
     config: dict[str, Any] = field(default_factory=dict)
     # Tokenizer: ``byte`` (built in, no network), a hub name, a local HF tokenizer directory or an s3:// URI.
     # ``None`` uses the tokenizer stored with ``source``.
@@ -48,10 +50,11 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        if self.source is None and self.arch not in ("delta_net", "gated_deltanet"):
+        self.arch = {"lact": "lact_swiglu"}.get(self.arch, self.arch)
+        if self.source is None and self.arch not in ("delta_net", "gated_deltanet", "lact_swiglu"):
             raise ConfigError(
-                f"model.arch={self.arch!r} is not a known architecture; use 'delta_net' or 'gated_deltanet' "
-                "(LaCT arrives in a later release), or set model.source to a checkpoint."
+                f"model.arch={self.arch!r} is not a known architecture; use 'delta_net', 'gated_deltanet' or "
+                "'lact', or set model.source to a checkpoint."
             )
 
 

@@ -255,3 +255,20 @@ def test_config_modes_match_the_algorithm() -> None:
 
     for mode in LOSS_AGG_MODES:
         assert RefineConfig(loss_agg_mode=mode).loss_agg_mode == mode
+
+
+def test_the_lact_760m_config_builds_the_papers_checkpoint_shape() -> None:
+    cfg = load_config(REPO / "configs" / "lact-760m-16k.yaml")
+    assert cfg.model.arch == "lact_swiglu" and cfg.data.max_tokens == 16384 and cfg.precision == "bf16"
+    with torch.device("meta"):
+        model = build_or_load_model(cfg, None, torch.device("meta"))
+    c = model.config
+    # "lact-muon-nope-postnorm-nheads2-chunk2048-760m" (spec §1) on upstream's 760M shape (models-notes §2.3)
+    assert (c.use_muon, c.ttt_nope, c.ttt_prenorm, c.num_lact_heads, c.lact_chunk_size) == (True, True, False, 2, 2048)
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attn_heads, c.window_size) == (1536, 24, 24, 2048)
+    # Upstream's 4-head 760M has 797,625,312 parameters (measured there). Per layer, 2 fast-weight heads of 768
+    # instead of 4 of 384 change w1 (2·768² vs 4·384²), lr_proj (3 rates per head: 6 fewer rows of 1536 + bias),
+    # ttt_scale_proj and momentum_proj (2 fewer rows of 1536 + bias each) and ttt_norm (768 vs 384); the low-rank
+    # w0 / w2 factors keep their size (2·768·32 = 4·384·32).
+    per_layer = (2 * 768**2 - 4 * 384**2) - 6 * 1537 - 2 * 1537 - 2 * 1537 + (768 - 384)
+    assert model.num_parameters() == 797_625_312 + 24 * per_layer

@@ -94,6 +94,8 @@ class FastWeightForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embeddings.weight
         # Recompute each block in the backward pass instead of storing its activations (long documents).
         self.gradient_checkpointing = False
+        # One decode step is a fixed computation over fixed buffers (CUDA-graph decoding); LaCT's is not.
+        self.static_decoding = not isinstance(config, LaCTConfig)
         self.apply(self._init_weights)
         self.mark_no_weight_decay()
 

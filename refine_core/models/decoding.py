@@ -92,9 +92,28 @@ def decode_step(model: torch.nn.Module, ids: torch.Tensor, state: FastWeightCach
     (``model(ids, cache=state, use_cache=True)``). ``state.seen_tokens`` is not advanced (a graph cannot update a
     Python int); the caller counts fed tokens.
     """
+    require_static_decoding(model)
     out = model(ids, cache=state, use_cache=True)
     copy_state_(state, out.cache)
     return out.logits[:, -1].float()
+
+
+def supports_static_decoding(model: object) -> bool:
+    """Whether one decode step of ``model`` is a fixed computation over fixed buffers (DeltaNet, GatedDeltaNet).
+
+    A LaCT step is not: where each row stands in its chunk and window is host data that decides, token by token,
+    whether the fast weights update, so it decodes eagerly.
+    """
+    return bool(getattr(model, "static_decoding", True))
+
+
+def require_static_decoding(model: object) -> None:
+    if not supports_static_decoding(model):
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise NotImplementedError(
+            f"{kind} has no static (CUDA-graph) decode step: its cache changes shape-dependent host state every "
+            "token; decode eagerly (generate(..., cuda_graph=False) or None)"
+        )
 
 
 def _param_ptrs(model: torch.nn.Module) -> tuple[int, ...]:
@@ -123,6 +142,7 @@ class StaticDecodeStep:
     def __init__(
         self, model: torch.nn.Module, start: FastWeightCache, batch: int, autocast_dtype: torch.dtype | None = None
     ) -> None:
+        require_static_decoding(model)
         self._model_ref = weakref.ref(model)
         self._param_ptrs = _param_ptrs(model)
         self.batch = batch

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from refine_core.models.cache import FastWeightCache
-from refine_core.models.decoding import StaticDecodeStep, graphed_decode_step
+from refine_core.models.decoding import StaticDecodeStep, graphed_decode_step, supports_static_decoding
 
 # In graph mode the host reads "have all rows finished?" only every this many steps: each read is a device sync,
 # which empties the launch queue that lets the CPU run ahead of the GPU.
@@ -206,6 +206,13 @@ def _use_cuda_graph(model: object, input_ids: torch.Tensor, cfg: SamplingConfig,
             f"cuda_graph=True needs an nn.Module model and input_ids on a CUDA device (model {where}, input_ids on "
             f"{input_ids.device}); pass cuda_graph=None (auto) or cuda_graph=False to decode eagerly"
         )
+    if not supports_static_decoding(model):
+        if cuda_graph:
+            raise ValueError(
+                f"cuda_graph=True: {model.config.model_type} decodes eagerly (no static decode step); pass "
+                "cuda_graph=None (auto) or cuda_graph=False"
+            )
+        return False
     # fewer than 2 new tokens feed nothing through the model; inside someone else's capture, stay eager
     return on_cuda and cfg.max_new_tokens >= 2 and not torch.cuda.is_current_stream_capturing()
 

@@ -82,7 +82,7 @@ def sgd_step(arch: str, cfg: RefineConfig, docs, **model_overrides) -> tuple[dic
     return grads, metrics
 
 
-@pytest.mark.parametrize("arch", ["delta_net", "gated_deltanet"])
+@pytest.mark.parametrize("arch", ["delta_net", "gated_deltanet", "lact_swiglu"])
 def test_branch_and_faithful_engines_give_the_same_step(arch):
     docs = make_docs()
     g_branch, m_branch = sgd_step(arch, small_cfg(engine="branch"), docs)
@@ -148,7 +148,7 @@ def test_old_logprobs_match_a_full_recompute_reference():
         assert torch.equal(ro.target_tokens[n], doc[r : r + 3])
 
 
-@pytest.mark.parametrize("arch", ["delta_net", "gated_deltanet"])
+@pytest.mark.parametrize("arch", ["delta_net", "gated_deltanet", "lact_swiglu"])
 def test_cut_cache_of_one_padded_pass_equals_reading_each_prefix(arch):
     """The branch engine's states: one left-padded pass over several documents, cuts in any order and repeated."""
     model = tiny_model(arch)

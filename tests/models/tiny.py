@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from refine_core.models import DeltaNetConfig, FastWeightForCausalLM, GatedDeltaNetConfig, build_model
+from refine_core.models.configuration import FastWeightConfig, LaCTConfig
 
 VOCAB = 97
 
 
-def tiny_config(arch: str, **overrides) -> DeltaNetConfig | GatedDeltaNetConfig:
+def tiny_config(arch: str, **overrides) -> FastWeightConfig:
     if arch == "delta_net":
         fields = dict(hidden_size=32, num_hidden_layers=2, num_heads=2, vocab_size=VOCAB, eos_token_id=1)
         return DeltaNetConfig(**{**fields, **overrides})
@@ -25,6 +26,13 @@ def tiny_config(arch: str, **overrides) -> DeltaNetConfig | GatedDeltaNetConfig:
             eos_token_id=1,
         )
         return GatedDeltaNetConfig(**{**fields, **overrides})
+    if arch == "lact_swiglu":
+        # chunk 16 and window 8: the test sequences (tens of tokens) cross several chunk updates and windows
+        fields = dict(
+            hidden_size=32, num_hidden_layers=2, num_attn_heads=4, num_lact_heads=2, lact_chunk_size=16,
+            window_size=8, w0_w2_low_rank=4, vocab_size=VOCAB, eos_token_id=1,
+        )
+        return LaCTConfig(**{**fields, **overrides})
     raise ValueError(arch)
 
 
@@ -47,4 +55,6 @@ ARCHS = [
     ),
     pytest.param(("gated_deltanet", {}), id="gdn"),
     pytest.param(("gated_deltanet", {"num_v_heads": 4, "use_gate": False}), id="gdn-gva"),
+    pytest.param(("lact_swiglu", {}), id="lact"),
+    pytest.param(("lact_swiglu", {"ttt_prenorm": True, "use_muon": True, "ttt_nope": True}), id="lact-prenorm-muon"),
 ]
