@@ -49,6 +49,12 @@ from bench.triton_cache_parts import pack_cache, unpack_cache  # noqa: E402  (ne
 MODELS = {
     "340m": {"hidden_size": 1024, "num_hidden_layers": 24, "num_heads": 8, "vocab_size": 32000},
     "1p3b": {"hidden_size": 2048, "num_hidden_layers": 24, "num_heads": 16, "vocab_size": 32000},
+    # the paper's LaCT checkpoint shape (configs/lact-760m-16k.yaml)
+    "lact760m": {
+        "model_type": "lact_swiglu", "hidden_size": 1536, "num_hidden_layers": 24, "num_attn_heads": 24,
+        "num_lact_heads": 2, "lact_chunk_size": 2048, "window_size": 2048, "w0_w2_low_rank": 32, "use_muon": True,
+        "ttt_nope": True, "rope_theta": 1e6, "max_position_embeddings": 32768, "vocab_size": 32000,
+    },
 }
 # Documents per step / per optimizer step / per micro-batch, and activation checkpointing, per (model, length).
 SHAPES = {
@@ -56,6 +62,7 @@ SHAPES = {
     ("340m", 16384): {"batch": 2, "mini": 2, "micro": 1, "checkpointing": True},
     ("1p3b", 4096): {"batch": 4, "mini": 4, "micro": 2, "checkpointing": True},
     ("1p3b", 16384): {"batch": 2, "mini": 2, "micro": 1, "checkpointing": True},
+    ("lact760m", 16384): {"batch": 2, "mini": 2, "micro": 1, "checkpointing": True},
 }
 DENSE_BF16_TFLOPS = {"H200": 989.5, "H100": 989.5}  # SXM datasheets, dense (no sparsity)
 
@@ -76,6 +83,7 @@ PARTS: dict[str, tuple[int, list[str]]] = {
     "decode-1p3b": (150, ["decode", "1p3b"]),
     "steps-340m-16k": (150, ["steps", "340m", "16384", "ntp,branch"]),
     "steps-1p3b-4k": (150, ["steps", "1p3b", "4096", "ntp,branch"]),
+    "steps-lact760m-16k": (200, ["steps", "lact760m", "16384", "ntp,branch"]),
 }
 
 
@@ -136,9 +144,15 @@ def _step(model, optimizer, docs, cfg, step: int) -> dict:
 
 
 def model_flops_per_token(model, chunk: int = 64) -> float:
-    """6·N plus the chunked delta rule (see the module docstring) per trained token."""
+    """6·N plus the token mixer's own work (see the module docstring) per trained token."""
     cfg = model.config
     n = model.num_parameters() - model.model.embeddings.weight.numel()
+    if cfg.model_type == "lact_swiglu":
+        # sliding-window attention, q·k and p·v over a full window of W keys: 4·W·D forward; the fast weights,
+        # upstream's count (ttt_operation.py): 18·d·h forward per token and fast-weight head; backward twice each
+        attention = 4 * cfg.window_size * cfg.hidden_size
+        fast = 18 * cfg.fw_head_dim * cfg.fw_hidden_dim * cfg.num_lact_heads
+        return 6 * n + 3 * (attention + fast) * cfg.num_hidden_layers
     heads, k, v = cfg.num_heads, cfg.key_dim // cfg.num_heads, cfg.value_dim // cfg.num_heads
     delta = 3 * (4 * chunk * k + 2 * chunk * (k + v) + 2 * chunk * v + 6 * k * v) * heads * cfg.num_hidden_layers
     return 6 * n + delta
