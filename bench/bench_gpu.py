@@ -14,8 +14,8 @@ The parts (all bf16 autocast with fp32 master weights, random-token documents, o
 
 * ``env``: card, versions, the card's measured copy bandwidth and bf16 matrix rate (the ceilings).
 * ``cold-*`` / ``warm-*``: the first NTP and REFINE steps of a fresh process, with an empty and with the filled cache.
-* ``tests``: the GPU tests of the branch engine, of CUDA-graph decoding, of the model on fla's kernels and of the fused
-  norm / SwiGLU / short-conv kernels against the PyTorch ops (``pytest -m gpu``).
+* ``tests``: the GPU tests of the branch engine, of CUDA-graph decoding, of the model on fla's kernels, of the fused
+  norm / SwiGLU / short-conv kernels against the PyTorch ops and of LaCT on CUDA (``pytest -m gpu``).
 * ``steps-<model>-<len>``: the NTP step against REFINE with the ``branch`` and ``faithful`` engines on the same batch
   (M = 8, k = 5, G = 1): median step time, phase split, tokens/s, MFU, peak memory, and how many Triton kernels were
   compiled after the first step (new cut positions every step must compile nothing).
@@ -346,7 +346,8 @@ def part_profile(model_name: str, length: int) -> None:
 def part_tests(log: Path) -> None:
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-s", "-q", "-p", "no:cacheprovider",
            "tests/gpu/test_branch_engine.py", "tests/gpu/test_decode_graph.py", "tests/gpu/test_fla_model.py",
-           "tests/gpu/test_fla_ops.py", "-k", "not test_fla_delta_rule_matches_torch and not gated_backward"]
+           "tests/gpu/test_fla_ops.py", "tests/gpu/test_lact_gpu.py",
+           "-k", "not test_fla_delta_rule_matches_torch and not gated_backward"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     log.write_text(proc.stdout + proc.stderr)
     lines = [ln for ln in proc.stdout.splitlines() if "rel err" in ln or "passed" in ln or "failed" in ln]
