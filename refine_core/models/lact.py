@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from refine_core.models.configuration import LaCTConfig
 from refine_core.models.layers import RMSNorm
 from refine_core.models.ops.cut_states import CutPlan
+from refine_core.models.ops.cut_states import to_device_nonblocking as _dev
 from refine_core.models.ops.large_chunk import TTTState, chunk_gradients, initial_state, l2_normalize, large_chunk_ttt
 from refine_core.models.ops.window_attention import rotary, window_attention
 
@@ -213,12 +214,12 @@ class LaCT(nn.Module):
             state = self.empty_state(B, hidden_states.device, hidden_states.dtype, window=False)
         host_mask = None if attention_mask is None else attention_mask.detach().to("cpu", torch.bool)
         real = torch.full((B,), T, dtype=torch.long) if host_mask is None else host_mask.sum(1)
-        valid = (torch.ones(B, T, dtype=torch.bool) if host_mask is None else host_mask).to(hidden_states.device)
+        valid = _dev(torch.ones(B, T, dtype=torch.bool) if host_mask is None else host_mask, hidden_states.device)
         # positions: each row's real tokens count on from the state (pads: any value, they are masked everywhere)
         steps = torch.arange(T)
         pad = T - real
         pos_cpu = state.seen[:, None] + (steps if official else (steps - pad[:, None]).clamp(min=0))
-        positions = pos_cpu.to(hidden_states.device)
+        positions = _dev(pos_cpu, hidden_states.device)
 
         q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)
         if cfg.attn_qk_norm:
@@ -235,8 +236,8 @@ class LaCT(nn.Module):
             keys, values, k_pos, k_valid, prefix = ka, va, positions, valid, 0
         else:
             slots = torch.arange(W1)
-            window_valid = (slots[None] >= W1 - state.window_len[:, None]).to(hidden_states.device)
-            window_pos = (state.seen[:, None] - W1 + slots).to(hidden_states.device)
+            window_valid = _dev(slots[None] >= W1 - state.window_len[:, None], hidden_states.device)
+            window_pos = _dev(state.seen[:, None] - W1 + slots, hidden_states.device)
             keys = torch.cat([state.window_k.to(ka.dtype), ka], 1)
             values = torch.cat([state.window_v.to(va.dtype), va], 1)
             k_pos, k_valid, prefix = torch.cat([window_pos, positions], 1), torch.cat([window_valid, valid], 1), W1
@@ -310,11 +311,11 @@ class LaCT(nn.Module):
         index = torch.where(
             e < from_old[:, None], old - from_old[:, None] + e, old + T - from_new[:, None] + e - from_old[:, None]
         )
-        index = index.clamp(0, old + T - 1).to(ka.device)
+        index = _dev(index.clamp(0, old + T - 1), ka.device)
         keys = torch.cat([state.window_k.to(ka.dtype), ka], 1)
         values = torch.cat([state.window_v.to(va.dtype), va], 1)
         take = lambda x: x.gather(1, index[:, :, None, None].expand(-1, -1, *x.shape[2:]))  # noqa: E731
-        empty = (e < 0).to(ka.device)[:, :, None, None]
+        empty = _dev(e < 0, ka.device)[:, :, None, None]
         return take(keys).masked_fill(empty, 0), take(values).masked_fill(empty, 0), new_len
 
     def _cut_states(self, plan: CutPlan, starts: list[TTTState], k, v, lr, gate, ka, va, real, T) -> LaCTState:
@@ -329,8 +330,8 @@ class LaCT(nn.Module):
         device = k.device
         # rows (b, j, h) of every cut, and the rows (b, h) of the pass they come from
         src = (torch.arange(B)[:, None, None] * heads + torch.arange(heads)[None, None, :]).expand(B, M, heads)
-        seg = chunk_of[:, :, None].expand(B, M, heads).reshape(-1).to(device)
-        src_d = src.reshape(-1).to(device)
+        seg = _dev(chunk_of[:, :, None].expand(B, M, heads).reshape(-1), device)
+        src_d = _dev(src.reshape(-1), device)
         n_seg = len(starts)
 
         def pick(values: list[torch.Tensor]) -> torch.Tensor:
@@ -346,8 +347,8 @@ class LaCT(nn.Module):
         first = (pad[:, None] + chunk_of * C)[:, :, None]  # padded position of the chunk's first token
         index = (first + steps).clamp(max=T - 1)  # [B, M, width]
         inside = (steps < count[:, :, None])
-        rows_index = index[:, :, None, :].expand(B, M, heads, width).reshape(B * M * heads, width).to(device)
-        inside_d = inside[:, :, None, :].expand(B, M, heads, width).reshape(B * M * heads, width).to(device)
+        rows_index = _dev(index[:, :, None, :].expand(B, M, heads, width).reshape(B * M * heads, width), device)
+        inside_d = _dev(inside[:, :, None, :].expand(B, M, heads, width).reshape(B * M * heads, width), device)
 
         def take(x: torch.Tensor) -> torch.Tensor:  # x [B*H, T, e] -> [B*M*H, width, e]
             return x[src_d].gather(1, rows_index[..., None].expand(-1, -1, x.shape[-1]))
@@ -364,10 +365,10 @@ class LaCT(nn.Module):
         slot = torch.arange(W1)
         at = plan.cuts[:, :, None] - W1 + slot  # [B, M, W1] padded positions
         win_valid = (at >= pad[:, None, None])
-        at_d = at.clamp(0, T - 1).reshape(B, M * W1).to(device)
+        at_d = _dev(at.clamp(0, T - 1).reshape(B, M * W1), device)
         gather = lambda x: x.gather(1, at_d[:, :, None, None].expand(-1, -1, *x.shape[2:])).view(  # noqa: E731
             B * M, W1, *x.shape[2:])
-        mask_d = win_valid.reshape(B * M, W1, 1, 1).to(device)
+        mask_d = _dev(win_valid.reshape(B * M, W1, 1, 1), device)
         window = (gather(ka).masked_fill(~mask_d, 0), gather(va).masked_fill(~mask_d, 0))
         return self._from_ttt(tt, B * M, seen=n.reshape(-1), window=window,
                               window_len=win_valid.sum(-1).reshape(-1))

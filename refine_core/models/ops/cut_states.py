@@ -69,9 +69,10 @@ class CutPlan:
         return self.cuts.shape[1]
 
 
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device_nonblocking(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``x`` on ``device`` without making the host wait for queued GPU work (pinned memory, asynchronous copy)."""
-    if device.type == "cuda":
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
 
@@ -97,11 +98,11 @@ def plan_cuts(cuts: torch.Tensor, length: int, device: torch.device | str) -> Cu
         cuts=cuts,
         length=length,
         sorted_cuts=sorted_cuts,
-        inverse_order=_to_device(order.argsort(dim=1), device),
-        device_cuts=_to_device(cuts, device),
+        inverse_order=to_device_nonblocking(order.argsort(dim=1), device),
+        device_cuts=to_device_nonblocking(cuts, device),
         has_empty=bool((bounds.diff(dim=1) == 0).any()),
         cu_seqlens=cu_seqlens,
-        cu_seqlens_device=_to_device(cu_seqlens, device),
+        cu_seqlens_device=to_device_nonblocking(cu_seqlens, device),
     )
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from refine_core.models.ops.cut_states import to_device_nonblocking as _dev
+
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 _NS_COEFFICIENTS = (
     (4.0848, -6.8946, 2.9270),
@@ -191,7 +193,7 @@ def large_chunk_ttt(
             valid = None
         else:
             index, valid_cpu, _ = _segment_index(real, count, T, chunk, s)
-            index, valid = index.to(q.device), valid_cpu.to(q.device)
+            index, valid = _dev(index, q.device), _dev(valid_cpu, q.device)
             take = lambda x, index=index: x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
             qs, ks, vs = take(q), take(k), take(v)
             lrs = tuple(take(x) * valid[..., None] for x in lr)
@@ -206,7 +208,7 @@ def large_chunk_ttt(
         complete = total >= (s + 1) * chunk  # rows whose segment s is a whole chunk (CPU: no device sync)
         grads = tuple(a + b.to(a.dtype) for a, b in zip(state.grad, chunk_gradients(state.w, ks, vs, lrs), strict=True))
         gate_sum = state.gate_sum if gs is None else state.gate_sum + gs.sum(1, keepdim=True).to(state.gate_sum.dtype)
-        rows = complete.to(q.device)
+        rows = _dev(complete, q.device)
         if bool(complete.any()):
             state = _fold(state, grads, gate_sum / chunk, norms, use_muon, rows)
         keep = rows.view(-1, 1, 1)

@@ -51,7 +51,7 @@ def window_attention(
     for i0 in range(0, T, block):
         i1 = min(i0 + block, T)
         lo = max(0, i0 - window + 1)  # earlier new keys are out of every query's reach in this block
-        keys = torch.cat([torch.arange(prefix), prefix + torch.arange(lo, i1)]).to(q.device)
+        keys = torch.cat([torch.arange(prefix, device=q.device), prefix + torch.arange(lo, i1, device=q.device)])
         kp, kv = k_pos.index_select(1, keys), k_valid.index_select(1, keys)
         qp = q_pos[:, i0:i1]
         allowed = kv[:, None, :] & (kp[:, None, :] <= qp[:, :, None]) & (kp[:, None, :] > qp[:, :, None] - window)
