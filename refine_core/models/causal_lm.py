@@ -24,7 +24,7 @@ from refine_core.models.cache import FastWeightCache, LayerState
 from refine_core.models.configuration import DeltaNetConfig, FastWeightConfig, GatedDeltaNetConfig, LaCTConfig
 from refine_core.models.deltanet import DeltaNet
 from refine_core.models.gated_deltanet import GatedDeltaNet
-from refine_core.models.lact import LaCT
+from refine_core.models.lact import LaCT, PaddingMask
 from refine_core.models.layers import GatedMLP, RMSNorm
 from refine_core.models.ops.cut_states import CutPlan, plan_cuts
 
@@ -154,6 +154,8 @@ class FastWeightForCausalLM(nn.Module):
         """
         hidden = self.model.embeddings(input_ids)
         layers = self.model.layers
+        if isinstance(self.config, LaCTConfig):  # LaCT layers read the mask on the host: one copy per pass
+            attention_mask = PaddingMask.of(attention_mask)
         # One plan for all layers: the cut index and fla's offsets reach the device once per pass, not per layer.
         plan = None if cuts is None else plan_cuts(cuts, input_ids.shape[1], hidden.device)
         new_cache = FastWeightCache.empty(len(layers)) if use_cache else None

@@ -110,6 +110,24 @@ class LaCTState:
         return self.seen.shape[0]
 
 
+@dataclass(frozen=True)
+class PaddingMask:
+    """A ``[B, T]`` padding mask on the host and on the device, made once per model pass.
+
+    Every LaCT layer needs the mask on the host (how many real tokens each row has decides its chunks and window);
+    reading it back from the GPU in every layer would make the host wait for the GPU's queue once a layer.
+    """
+
+    host: torch.Tensor  # bool, CPU
+    device: torch.Tensor  # bool, on the activations' device
+
+    @staticmethod
+    def of(mask: torch.Tensor | PaddingMask | None) -> PaddingMask | None:
+        if mask is None or isinstance(mask, PaddingMask):
+            return mask
+        return PaddingMask(host=mask.detach().to("cpu", torch.bool), device=mask.detach().bool())
+
+
 class LaCT(nn.Module):
     """One LaCT layer's token mixer (named ``attn`` inside a block, as upstream)."""
 
@@ -199,7 +217,7 @@ class LaCT(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | PaddingMask | None = None,
         state: LaCTState | None = None,
         use_cache: bool = False,
         cuts: CutPlan | torch.Tensor | None = None,
@@ -212,9 +230,9 @@ class LaCT(nn.Module):
         fresh = state is None
         if fresh:
             state = self.empty_state(B, hidden_states.device, hidden_states.dtype, window=False)
-        host_mask = None if attention_mask is None else attention_mask.detach().to("cpu", torch.bool)
-        real = torch.full((B,), T, dtype=torch.long) if host_mask is None else host_mask.sum(1)
-        valid = _dev(torch.ones(B, T, dtype=torch.bool) if host_mask is None else host_mask, hidden_states.device)
+        mask = PaddingMask.of(attention_mask)
+        real = torch.full((B,), T, dtype=torch.long) if mask is None else mask.host.sum(1)
+        valid = torch.ones(B, T, dtype=torch.bool, device=hidden_states.device) if mask is None else mask.device
         # positions: each row's real tokens count on from the state (pads: any value, they are masked everywhere)
         steps = torch.arange(T)
         pad = T - real
