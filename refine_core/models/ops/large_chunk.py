@@ -180,7 +180,7 @@ def large_chunk_ttt(
     total = count + real
     segments = -(-int(total.max()) // chunk) if N else 0
     aligned = bool((count == 0).all() and (real == T).all())
-    out = q.new_zeros(v.shape[0], T, v.shape[2]) if not aligned else None
+    out = None  # made from the first answers: under autocast they are bf16 whatever q is
     pieces, starts = [], []
     for s in range(segments):
         if record:
@@ -202,6 +202,7 @@ def large_chunk_ttt(
         if aligned:
             pieces.append(o)
         else:
+            out = o.new_zeros(N, T, o.shape[-1]) if out is None else out
             out = out.scatter_add(1, index[..., None].expand_as(o), o * valid[..., None].to(o.dtype))
         if s == segments - 1 and not (keep_state or record):
             continue  # upstream never learns from the last chunk: nothing reads the result
@@ -222,4 +223,6 @@ def large_chunk_ttt(
     state = replace(state, count=total % chunk)
     if aligned:
         out = torch.cat(pieces, 1) if pieces else q.new_zeros(v.shape)
+    elif out is None:  # no new tokens
+        out = q.new_zeros(v.shape)
     return out, (state if keep_state else None), starts
