@@ -214,3 +214,26 @@ def test_cache_rows_select_repeat_and_concatenate():
     swapped = model(nxt.flip(0), cache=both).logits
     torch.testing.assert_close(swapped.flip(0), model(nxt, cache=cache).logits, rtol=0, atol=1e-12)
     assert cache.repeat_interleave(3).batch_size == 6 and cache.nbytes() > 0
+
+
+def test_bf16_autocast_with_checkpointing_runs_the_branch_engines_passes():
+    """The dtypes the GPU sees (bf16 matmul outputs next to float32 fast q/k and learning rates): cut states, eager
+    decoding from them, the k-token pass and the backward through recomputed blocks."""
+    torch.manual_seed(0)
+    model = build_model(config_from_dict({**BASE, "use_muon": True, "ttt_nope": True})).train()
+    model.gradient_checkpointing = True
+    ids = tokens(2, 45)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, attention_mask=mask, cuts=torch.tensor([[5, 16, 33], [12, 22, 40]]), return_logits=False)
+        rollouts = generate(
+            model, torch.empty(6, 0, dtype=torch.long), sampling=SamplingConfig(max_new_tokens=4, min_new_tokens=4),
+            eos_token_id=None, cache=out.cut_cache.detach(), next_logits=torch.randn(6, VOCAB),
+        ).tokens
+        cont = model(rollouts, cache=out.cut_cache)
+        loss = cont.logits.float().logsumexp(-1).mean() + out.hidden_states.float().mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
