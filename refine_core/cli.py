@@ -29,6 +29,7 @@ import yaml
 
 from refine_core import __version__, runtime
 from refine_core.config import ConfigError, RunConfig, load_config, to_dict
+from refine_core.training.divergence import TrainingDiverged
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # a setting the stage found missing or inconsistent: no traceback, exit 2
         sys.stderr.write(f"refine {args.command}: error: {exc}\n")
         return 2
+    except TrainingDiverged as exc:  # the run itself failed: exit 1, the message says what to change
+        sys.stderr.write(f"refine {args.command}: failed: {exc}\n")
+        return 1
     return 0
 
 

@@ -136,9 +136,14 @@ class TrainingLoopConfig:
     resume: bool = False
     # Stop after this many steps of this process (simulates an interruption in tests; ``None`` = run to the end).
     stop_after: int | None = None
+    # Fail the run after this many steps in a row whose every optimizer step had a non-finite gradient (each such
+    # step is skipped, not applied); 0 = never fail (refine_core.training.divergence).
+    max_skipped_steps: int = 3
 
     def __post_init__(self) -> None:
         name = self.section
+        if self.max_skipped_steps < 0:
+            raise ConfigError(f"{name}.max_skipped_steps={self.max_skipped_steps} must be >= 0 (0 = never stop).")
         if self.steps < 1:
             raise ConfigError(f"{name}.steps={self.steps} must be >= 1.")
         if self.lr_schedule not in ("constant", "cosine", "linear"):
@@ -345,8 +350,12 @@ class PostTrainConfig:
     eval_max_docs: int = 0
     resume: bool = False
     stop_after: int | None = None
+    # As ``ntp.max_skipped_steps``: fail after this many fully skipped (non-finite gradient) steps in a row.
+    max_skipped_steps: int = 3
 
     def __post_init__(self) -> None:
+        if self.max_skipped_steps < 0:
+            raise ConfigError(f"post.max_skipped_steps={self.max_skipped_steps} must be >= 0 (0 = never stop).")
         if self.mode not in ("sft", "nested_sft", "nested_refine"):
             raise ConfigError(f"post.mode={self.mode!r}; use 'sft', 'nested_sft' or 'nested_refine'.")
         for name in ("steps", "batch_size", "micro_batch_size", "max_prompt_tokens", "max_answer_tokens"):

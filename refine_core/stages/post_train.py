@@ -91,7 +91,9 @@ def sft_batch(samples: Sequence[TaskSample], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask, labels[:, 1:]
 
 
-def sft_step(session: TrainingSession, samples: Sequence[TaskSample], micro_batch_size: int, coef: float) -> float:
+def sft_step(
+    session: TrainingSession, samples: Sequence[TaskSample], micro_batch_size: int, coef: float
+) -> tuple[float, bool]:
     """One optimizer step of answer cross-entropy over ``samples`` (token mean over the whole batch)."""
     model, pad_id = session.model, session.tokenizer.pad_token_id
     parts = [sft_batch(samples[i : i + micro_batch_size], pad_id) for i in range(0, len(samples), micro_batch_size)]
@@ -103,8 +105,8 @@ def sft_step(session: TrainingSession, samples: Sequence[TaskSample], micro_batc
             part = lm_loss_sum(hidden.hidden_states[:, :-1], model.lm_head.weight, labels.to(model.device))
         (coef * part / total).backward()
         loss_sum += float(part.detach())
-    clip_and_step(model, session.optimizer, session.cfg.refine.grad_clip)
-    return loss_sum / total
+    _, took = clip_and_step(model, session.optimizer, session.cfg.refine.grad_clip)
+    return loss_sum / total, took
 
 
 def post_train(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
@@ -164,11 +166,14 @@ def post_train(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
                     autocast=session.autocast,
                 )
             )
-        metrics["post/sft_loss"] = sft_step(session, batch, post.micro_batch_size, post.sft_loss_coef)
+        metrics["post/sft_loss"], took = sft_step(session, batch, post.micro_batch_size, post.sft_loss_coef)
         session.scheduler.step()
         step += 1
         metrics["post/step_time_s"] = time.perf_counter() - t0
-        session.after_step(step, metrics, history)
+        session.after_step(
+            step, metrics, history, skipped=round(metrics.get("refine/skipped_steps", 0)) + (not took),
+            optimizer_steps=round(metrics.get("refine/optimizer_steps", 0)) + 1, doc_ids=indices,
+        )
         if step % post.log_every == 0 or step == post.steps:
             logger.info(
                 "post-train %s step %d/%d | sft %.4f%s",

@@ -52,7 +52,8 @@ def train_ntp(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
             logger.info("stopping after %d steps of this run (ntp.stop_after)", ntp.stop_after)
             break
         t0 = time.perf_counter()
-        docs = [session.train_set[i] for i in sync.shard(session.batcher.next_indices())]  # this rank's share
+        indices = sync.shard(session.batcher.next_indices())  # this rank's share
+        docs = [session.train_set[i] for i in indices]
         padded = [
             left_pad(docs[i : i + ntp.micro_batch_size], pad_id) for i in range(0, len(docs), ntp.micro_batch_size)
         ]
@@ -85,7 +86,7 @@ def train_ntp(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
             "ntp/tokens_per_s": n_tokens / elapsed,
             "ntp/step_time_s": elapsed,
         }
-        session.after_step(step, metrics, history)
+        session.after_step(step, metrics, history, skipped=int(not took), doc_ids=indices)
         eval_loss = metrics.get("eval/loss", eval_loss)
         if step % ntp.log_every == 0 or step == ntp.steps:
             logger.info(

@@ -85,7 +85,10 @@ def train_refine(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
                 "refine/tokens_per_s": sync.total(sum(d.numel() for d in docs))[0] / elapsed,
             }
         )
-        session.after_step(step, metrics, history)
+        session.after_step(
+            step, metrics, history, skipped=round(metrics["refine/skipped_steps"]),
+            optimizer_steps=round(metrics["refine/optimizer_steps"]), doc_ids=indices,
+        )
         eval_loss = metrics.get("eval/loss", eval_loss)
         if step % rcfg.log_every == 0 or step == rcfg.steps:
             logger.info(

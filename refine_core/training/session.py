@@ -39,6 +39,7 @@ from refine_core.runtime import autocast, capture_rng_state, restore_rng_state, 
 from refine_core.tokenizer import Tokenizer
 from refine_core.tracking import NullTracker, Tracker
 from refine_core.training.checkpoint import CheckpointManager, step_dir_name
+from refine_core.training.divergence import DivergenceGuard, TrainingDiverged
 from refine_core.training.losses import count_targets, lm_loss_sum, ntp_targets
 from refine_core.training.optim import OptimSettings, build_optimizer, build_scheduler
 from refine_core.training.result import TrainResult, export_result
@@ -77,6 +78,7 @@ class TrainingSession:
     resumed_state: dict[str, Any] = field(default_factory=dict)
     # The other data-parallel ranks (the identity in a single process); see refine_core.distributed.ddp.
     sync: ReplicaSync = field(default_factory=ReplicaSync)
+    guard: DivergenceGuard | None = None
 
     @classmethod
     def open(
@@ -158,6 +160,7 @@ class TrainingSession:
             checkpoints=CheckpointManager(stage_dir / "checkpoints", keep=settings.keep_checkpoints),
             train_set=train_set,
             eval_set=eval_set,
+            guard=DivergenceGuard(stage, getattr(settings, "section", "post"), settings.max_skipped_steps),
         )
         latest = session.checkpoints.latest() if settings.resume else None
         if latest is not None:
@@ -242,9 +245,35 @@ class TrainingSession:
             logger.info("step 0/%d | eval %.4f", self.settings.steps, loss)
         return loss
 
-    def after_step(self, step: int, metrics: dict[str, float], history: list[dict[str, float]]) -> None:
-        """The end of every step: held-out loss on schedule (added to ``metrics``), history, tracker, checkpoint."""
+    def after_step(
+        self,
+        step: int,
+        metrics: dict[str, float],
+        history: list[dict[str, float]],
+        *,
+        skipped: int = 0,
+        optimizer_steps: int = 1,
+        doc_ids: Sequence[int] = (),
+    ) -> None:
+        """The end of every step: held-out loss on schedule (added to ``metrics``), history, tracker, checkpoint.
+
+        ``skipped`` of the step's ``optimizer_steps`` had a non-finite gradient; after too many fully skipped steps in
+        a row this logs the step and raises :class:`~refine_core.training.divergence.TrainingDiverged` (no
+        checkpoint, no export).
+        """
         settings = self.settings
+        guard = self.guard or DivergenceGuard(self.stage, "train", 0)
+        try:
+            section = guard.section if hasattr(settings, "lr") else "refine"  # post-training uses refine's AdamW
+            lr = getattr(settings, "lr", None) or self.cfg.refine.lr
+            guard.update(step, skipped=skipped, optimizer_steps=optimizer_steps, doc_ids=doc_ids,
+                         last_good=self.checkpoints.latest(), lr=(f"{section}.lr", lr))
+        except TrainingDiverged:
+            metrics["train/skipped_steps_total"] = float(guard.skipped_total)
+            history.append({"step": float(step), **metrics})
+            self.tracker.log_metrics(metrics, step=step)
+            raise
+        metrics["train/skipped_steps_total"] = float(guard.skipped_total)
         every = getattr(settings, "eval_every", 0)
         if (every and step % every == 0) or step == settings.steps:
             loss = self.eval_loss()
