@@ -109,6 +109,11 @@ class DataConfig:
             raise ConfigError(f"data.eval_docs={self.eval_docs} must be >= 0.")
 
 
+def _check_resume(section: str, value: bool | str) -> None:
+    if not isinstance(value, bool) and value != "force":
+        raise ConfigError(f"{section}.resume={value!r}; use true, false or force (resume another run's checkpoint).")
+
+
 @dataclass
 class TrainingLoopConfig:
     """What every training loop shares: AdamW and its schedule (spec §3 defaults), logging, held-out loss,
@@ -132,8 +137,9 @@ class TrainingLoopConfig:
     # Atomic checkpoint every ``save_every`` steps (0 = only at the end); keep the newest ``keep_checkpoints``.
     save_every: int = 50
     keep_checkpoints: int = 2
-    # Continue from the newest complete checkpoint of this stage if one exists.
-    resume: bool = False
+    # Continue from the newest complete checkpoint of this stage if one exists; ``force``: even one written by another
+    # run (other settings or data: refine_core.training.run_identity), which is refused otherwise.
+    resume: bool | str = False
     # Stop after this many steps of this process (simulates an interruption in tests; ``None`` = run to the end).
     stop_after: int | None = None
     # Fail the run after this many steps in a row whose every optimizer step had a non-finite gradient (each such
@@ -142,6 +148,7 @@ class TrainingLoopConfig:
 
     def __post_init__(self) -> None:
         name = self.section
+        _check_resume(name, self.resume)
         if self.max_skipped_steps < 0:
             raise ConfigError(f"{name}.max_skipped_steps={self.max_skipped_steps} must be >= 0 (0 = never stop).")
         if self.steps < 1:
@@ -348,12 +355,13 @@ class PostTrainConfig:
     save_every: int = 8
     keep_checkpoints: int = 2
     eval_max_docs: int = 0
-    resume: bool = False
+    resume: bool | str = False  # as ntp.resume (true, false or force)
     stop_after: int | None = None
     # As ``ntp.max_skipped_steps``: fail after this many fully skipped (non-finite gradient) steps in a row.
     max_skipped_steps: int = 3
 
     def __post_init__(self) -> None:
+        _check_resume("post", self.resume)
         if self.max_skipped_steps < 0:
             raise ConfigError(f"post.max_skipped_steps={self.max_skipped_steps} must be >= 0 (0 = never stop).")
         if self.mode not in ("sft", "nested_sft", "nested_refine"):
@@ -480,6 +488,9 @@ class RunConfig:
     # outlives the job (e.g. next to the checkpoints) spares a resumed or repeated job minutes of autotuning; fill
     # it ahead of time with ``refine warmup``.
     triton_cache_dir: str | None = None
+    # A fresh training run (resume false) refuses a stage directory holding an earlier run's checkpoints or model;
+    # ``true`` deletes them first.
+    overwrite: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ntp: NTPConfig = field(default_factory=NTPConfig)

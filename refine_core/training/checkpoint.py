@@ -102,6 +102,33 @@ def _check_weights_only(obj: Any, where: str) -> None:
     )
 
 
+def write_directory_atomically(target: str | Path, write_fn: Callable[[Path], None]) -> Path:
+    """Write a directory (e.g. the exported ``model/``) next to ``target``, then swap it in by renames.
+
+    Readers see the old complete directory or the new complete one, never a half-written one; a failure while
+    writing leaves the old one untouched and no temporary directory behind.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f"{_TMP_PREFIX}{target.name}-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        write_fn(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".old-{target.name}-{uuid.uuid4().hex}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
 class CheckpointManager:
     """Writes, finds and prunes checkpoints under ``root``; one writer per ``root`` at a time.
 

@@ -16,14 +16,16 @@ In one process ``session.sync`` is the identity and nothing changes.
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
-from refine_core.config import NTPConfig, PostTrainConfig, RefineConfig, RunConfig, dump_yaml
+from refine_core.config import ConfigError, NTPConfig, PostTrainConfig, RefineConfig, RunConfig, dump_yaml
 from refine_core.data.batching import DocumentBatcher, iter_eval_batches
 from refine_core.data.shards import TokenizedDataset, data_fingerprint, load_manifest
 from refine_core.distributed.ddp import (
@@ -38,11 +40,12 @@ from refine_core.models.hub import read_state_dict
 from refine_core.runtime import autocast, capture_rng_state, restore_rng_state, seed_everything, select_device
 from refine_core.tokenizer import Tokenizer
 from refine_core.tracking import NullTracker, Tracker
-from refine_core.training.checkpoint import CheckpointManager, step_dir_name
+from refine_core.training.checkpoint import CheckpointManager, step_dir_name, write_directory_atomically
 from refine_core.training.divergence import DivergenceGuard, TrainingDiverged
 from refine_core.training.losses import count_targets, lm_loss_sum, ntp_targets
 from refine_core.training.optim import OptimSettings, build_optimizer, build_scheduler
 from refine_core.training.result import TrainResult, export_result
+from refine_core.training.run_identity import check_resume, claim_stage_dir, run_identity
 from refine_core.training.setup import build_or_load_model, localize_inputs, prepared_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -79,6 +82,8 @@ class TrainingSession:
     # The other data-parallel ranks (the identity in a single process); see refine_core.distributed.ddp.
     sync: ReplicaSync = field(default_factory=ReplicaSync)
     guard: DivergenceGuard | None = None
+    # What this run is (refine_core.training.run_identity); written into every checkpoint.
+    identity: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def open(
@@ -130,6 +135,11 @@ class TrainingSession:
         device = select_device(cfg.device) if ctx is None else ctx.device
         seed_everything(cfg.seed)
         stage_dir = cfg.stage_dir(stage)
+        section = getattr(settings, "section", "post")
+        if not settings.resume and (ctx is None or ctx.is_main):
+            claim_stage_dir(stage_dir, stage_dir / "checkpoints", section, cfg.overwrite)
+        if ctx is not None:
+            barrier()  # no rank looks at the stage directory before rank 0 has claimed it
         stage_dir.mkdir(parents=True, exist_ok=True)
         if ctx is None or ctx.is_main:
             dump_yaml(cfg, stage_dir / "config.yaml")
@@ -162,10 +172,12 @@ class TrainingSession:
             eval_set=eval_set,
             guard=DivergenceGuard(stage, getattr(settings, "section", "post"), settings.max_skipped_steps),
         )
-        latest = session.checkpoints.latest() if settings.resume else None
+        sections = (section,) if section != "post" else ("post", "refine")  # post-training uses refine's AdamW
+        session.identity = run_identity(cfg, sections, data_tag)
+        latest, state, weights = session._readable_checkpoint() if settings.resume else (None, {}, {})
         if latest is not None:
-            state = session.checkpoints.load_trainer_state(latest)
-            model.load_state_dict(read_state_dict(latest))
+            check_resume(latest, state.get("run_identity"), session.identity, section, settings.resume == "force")
+            model.load_state_dict(weights)
             optimizer.load_state_dict(state["optimizer"])
             session.scheduler.load_state_dict(state["scheduler"])
             session.batcher.load_state_dict(state["batcher"])
@@ -181,6 +193,27 @@ class TrainingSession:
         tracker.set_tags({"refine.data_fingerprint": data_tag or "", "refine.resumed_from": str(latest)})
         tracker.log_params({"model.num_parameters": model.num_parameters(), "data.train_docs": len(train_set)})
         return session
+
+    def _readable_checkpoint(self) -> tuple[Path | None, dict[str, Any], dict[str, torch.Tensor]]:
+        """The newest complete checkpoint that can be read, with its trainer state and weights.
+
+        A newest checkpoint that cannot be read (a disk fault after it was marked complete, a truncated file) is
+        skipped with a warning for the one before it; if none can be read, the run stops naming them.
+        """
+        complete = self.checkpoints.list_complete()
+        failures = []
+        for path in reversed(complete):
+            try:
+                return path, self.checkpoints.load_trainer_state(path), read_state_dict(path)
+            except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
+                failures.append(f"{path.name} ({type(exc).__name__}: {str(exc)[:120]})")
+                logger.warning("checkpoint %s cannot be read (%s); trying the one before it", path, exc)
+        if failures:
+            raise ConfigError(
+                f"no checkpoint of {self.checkpoints.root} can be read: {'; '.join(failures)}. Start afresh with "
+                "overwrite=true or restore the checkpoints from a backup."
+            )
+        return None, {}, {}
 
     @property
     def model_dir(self) -> Path:
@@ -204,6 +237,7 @@ class TrainingSession:
             "scheduler": self.scheduler.state_dict(),
             "batcher": self.batcher.state_dict(),
             "rng": capture_rng_state(),
+            "run_identity": dict(self.identity),
             **(extra or {}),
         }
         path = self.checkpoints.save(step, lambda d: save_pretrained(self.model, d, tokenizer=self.tokenizer), state)
@@ -217,8 +251,10 @@ class TrainingSession:
         self.save(step)
         if step < self.settings.steps:
             return self.model_dir  # stopped early on purpose (stop_after): the checkpoint is what counts
-        if self.sync.is_main:
-            save_pretrained(self.model, self.model_dir, tokenizer=self.tokenizer)
+        if self.sync.is_main:  # swapped in whole: a crash while exporting leaves no half-written model/
+            write_directory_atomically(
+                self.model_dir, lambda d: save_pretrained(self.model, d, tokenizer=self.tokenizer)
+            )
             self.tracker.log_artifacts(self.model_dir, artifact_path="model")
         self.sync.barrier()  # the exported model exists before any rank returns it
         return self.model_dir
