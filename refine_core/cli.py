@@ -150,13 +150,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("refine %s: %s (output_dir=%s)", args.command, cfg.name, cfg.output_dir)
     try:
         run_stage(args.command, cfg)
-    except ConfigError as exc:  # a setting the stage found missing or inconsistent: no traceback, exit 2
-        sys.stderr.write(f"refine {args.command}: error: {exc}\n")
-        return 2
     except TrainingDiverged as exc:  # the run itself failed: exit 1, the message says what to change
         sys.stderr.write(f"refine {args.command}: failed: {exc}\n")
         return 1
+    except (ValueError, OSError) as exc:
+        # Bad input found once the stage looked at it (a setting, a file, a path): the library's messages name the
+        # value and the fix, so the user gets that line, exit 2, and no traceback unless --log-level DEBUG.
+        if args.log_level.upper() == "DEBUG":
+            raise
+        sys.stderr.write(f"refine {args.command}: error: {_user_message(exc)}\n")
+        return 2
     return 0
+
+
+def _user_message(exc: BaseException) -> str:
+    """One line for a user-caused failure; file-system errors get the path and what to check."""
+    if not isinstance(exc, OSError) or exc.filename is None:  # our own messages already name the value and the fix
+        return " ".join(str(exc).split())
+    what = exc.strerror or type(exc).__name__
+    path = exc.filename or ""
+    hint = {
+        NotADirectoryError: "a file stands where a directory is needed; fix output_dir or the data / model paths",
+        IsADirectoryError: "a directory stands where a file is needed; name the file",
+        PermissionError: "make it writable or choose another output_dir",
+        FileNotFoundError: "check the path in the config",
+    }.get(type(exc), "check the path and the disk (space, permissions)")
+    return f"{what}: {path!s}; {hint} (--log-level DEBUG shows the traceback)"
 
 
 if __name__ == "__main__":

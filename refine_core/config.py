@@ -398,6 +398,13 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"eval.batch_size={self.batch_size} must be >= 1.")
+        if self.max_seq_tokens < 64:
+            raise ConfigError(
+                f"eval.max_seq_tokens={self.max_seq_tokens} leaves no room for a prompt and its answer; use the "
+                "model's context length (e.g. 4096 or 16384)."
+            )
+        if self.tasks is not None and not self.tasks:
+            raise ConfigError("eval.tasks=[] selects no task; name tasks or set it to null for all of them.")
 
 
 @dataclass
@@ -502,6 +509,8 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        if not str(self.output_dir).strip():
+            raise ConfigError("output_dir is empty; name the directory the run writes into (e.g. runs/my-run).")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision={self.precision!r}; use 'auto', 'fp32' or 'bf16'.")
         if self.triton_cache_dir is not None:
@@ -601,6 +610,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if dataclasses.is_dataclass(tp):
+        if value is None:  # ``ntp: null`` (or ``ntp=null``) used to reset the whole section to defaults silently
+            raise ConfigError(
+                f"{where} is null; a section needs keys (e.g. {where}.steps=10), or leave it out for the defaults"
+            )
         return from_dict(tp, value, where)
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -678,7 +691,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(
                 f"config file {str(path)!r} does not exist; pass --config with a YAML file under configs/"
             )
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}; fix the file") from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
         tree = loaded or {}

@@ -57,12 +57,14 @@ def _max_new_tokens(name: str, example: TaskExample) -> int:
 def collect_tasks(cfg: EvalConfig, tokenizer: Tokenizer, seed: int = 0) -> list[EvalTask]:
     """Task files and generated NIAH tasks of ``cfg``, encoded with ``tokenizer`` (first tokens kept)."""
     by_name: dict[str, list[TaskExample]] = {}
+    skipped: set[str] = set()  # tasks of the files that eval.tasks leaves out
     for path in expand_task_files(cfg.task_files) if cfg.task_files else []:
         examples = read_task_file(path, official_pipe_split=cfg.official_answer_split)
         if not examples:
             continue
         name = examples[0].task
         if cfg.tasks is not None and name not in cfg.tasks:
+            skipped.add(name)
             continue
         by_name.setdefault(name, []).extend(examples)
     tasks = []
@@ -105,6 +107,12 @@ def collect_tasks(cfg: EvalConfig, tokenizer: Tokenizer, seed: int = 0) -> list[
                 task.name,
                 task.truncated,
             )
+    if not tasks and cfg.tasks is not None and (cfg.task_files or cfg.niah_tasks):
+        found = sorted({*skipped, *cfg.niah_tasks})
+        raise ValueError(
+            f"eval.tasks={cfg.tasks} matches none of the configured tasks ({', '.join(found) or 'none'}); name "
+            "some of them or set eval.tasks=null"
+        )
     if not tasks:
         raise ValueError("the eval config names no task: set eval.task_files and/or eval.niah_tasks")
     return tasks

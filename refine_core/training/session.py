@@ -46,7 +46,12 @@ from refine_core.training.losses import count_targets, lm_loss_sum, ntp_targets
 from refine_core.training.optim import OptimSettings, build_optimizer, build_scheduler
 from refine_core.training.result import TrainResult, export_result
 from refine_core.training.run_identity import check_resume, claim_stage_dir, run_identity
-from refine_core.training.setup import build_or_load_model, localize_inputs, prepared_tokenizer
+from refine_core.training.setup import (
+    build_or_load_model,
+    check_model_section,
+    localize_inputs,
+    prepared_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +115,7 @@ class TrainingSession:
         than one rank (``batch_size`` must then be a multiple of the number of ranks).
         """
         tracker = tracker or NullTracker()
+        check_model_section(cfg)  # a bad architecture is refused before any data or weights are read
         ctx = None
         if is_distributed_launch():
             if not data_parallel:

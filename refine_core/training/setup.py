@@ -49,6 +49,16 @@ def prepared_tokenizer(cfg: RunConfig) -> Tokenizer:
     return load_tokenizer(str(path), cfg.model.cache_dir)
 
 
+def check_model_section(cfg: RunConfig) -> None:
+    """Refuse a from-scratch ``model.config`` that cannot build a model, before any data or weights are read."""
+    if cfg.model.source is not None:
+        return
+    try:
+        config_from_dict({"model_type": cfg.model.arch, **cfg.model.config})
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        raise ConfigError(f"model.config: {exc}") from exc
+
+
 def build_or_load_model(cfg: RunConfig, tokenizer: Tokenizer | None, device: torch.device) -> FastWeightForCausalLM:
     """Load ``cfg.model.source`` or build a fresh ``cfg.model.arch``; float32 master weights on ``device``, with
     ``cfg.model.gradient_checkpointing`` applied.
