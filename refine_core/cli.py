@@ -29,6 +29,7 @@ import yaml
 
 from refine_core import __version__, runtime
 from refine_core.config import ConfigError, RunConfig, load_config, to_dict
+from refine_core.training.checkpoint import CheckpointWriteError
 from refine_core.training.divergence import TrainingDiverged
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("refine %s: %s (output_dir=%s)", args.command, cfg.name, cfg.output_dir)
     try:
         run_stage(args.command, cfg)
-    except TrainingDiverged as exc:  # the run itself failed: exit 1, the message says what to change
+    except (TrainingDiverged, CheckpointWriteError) as exc:  # the run itself failed: exit 1, with what to change
         sys.stderr.write(f"refine {args.command}: failed: {exc}\n")
         return 1
     except (ValueError, OSError) as exc:

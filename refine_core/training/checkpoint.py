@@ -51,6 +51,10 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete or holds something that cannot be saved safely."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (disk full, I/O error): the run stops; the previous checkpoints are untouched."""
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -205,6 +209,14 @@ class CheckpointManager:
                 raise CheckpointError(f"write_fn wrote {TRAINER_STATE} or {MARKER}; those names are reserved.")
             torch.save(state, tmp / TRAINER_STATE)
             _fsync_tree(tmp)
+        except OSError as exc:  # disk full, I/O error: nothing of this save remains, the older ones are untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.latest()
+            raise CheckpointWriteError(
+                f"writing checkpoint step {step} under {self.root} failed ({exc.strerror or exc}); "
+                + (f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists")
+                + ". Free space (or fix the volume), then run again with resume=true in the stage's section."
+            ) from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
