@@ -76,7 +76,7 @@ def test_unknown_top_level_key_in_file(tmp_path: Path) -> None:
         ("ntp.steps=abc", "ntp.steps must be an integer"),
         ("ntp.steps=1.5", "ntp.steps must be an integer"),
         ("ntp.lr=fast", "ntp.lr must be a number"),
-        ("ntp.resume=1", "ntp.resume must be true or false"),
+        ("ntp.resume=1", "ntp.resume='1'; use true, false or force"),
         ("ntp.betas=[0.9]", "ntp.betas must be a list of 2 values"),
         ("data.sources=foo", "data.sources must be a list"),
         ("model.config=3", "model.config must be a mapping"),
