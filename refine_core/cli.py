@@ -29,6 +29,7 @@ import yaml
 
 from refine_core import __version__, runtime
 from refine_core.config import ConfigError, RunConfig, load_config, to_dict
+from refine_core.tracking_offline import TrackingUnavailable
 from refine_core.training.checkpoint import CheckpointWriteError
 from refine_core.training.divergence import TrainingDiverged
 
@@ -77,6 +78,36 @@ STAGES: dict[str, Stage] = {
 }
 
 
+TRACKING_COMMAND = "tracking"
+
+
+def run_tracking_command(argv: Sequence[str]) -> int:
+    """``refine tracking sync JOURNAL... [--tracking-uri URI]``: upload journals a stage wrote while offline."""
+    parser = argparse.ArgumentParser(prog=f"refine {TRACKING_COMMAND}")
+    sub = parser.add_subparsers(dest="action", required=True)
+    sync = sub.add_parser("sync", help="upload offline tracking journals as MLflow runs")
+    sync.add_argument("journals", nargs="+", metavar="JOURNAL")
+    sync.add_argument("--tracking-uri", help="default: the URI the stage was using")
+    args = parser.parse_args(list(argv))
+    runtime.setup_logging("INFO")
+    from refine_core.tracking import sync_journal
+
+    for journal in args.journals:
+        try:
+            run_id = sync_journal(journal, args.tracking_uri)
+        except (ValueError, OSError) as exc:
+            sys.stderr.write(f"refine {TRACKING_COMMAND} sync: error: {exc}\n")
+            return 2
+        except Exception as exc:  # noqa: BLE001  (the server is still unreachable: say so, keep the journal)
+            sys.stderr.write(
+                f"refine {TRACKING_COMMAND} sync: failed: {journal} was not uploaded ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); the journal is kept, try again later\n"
+            )
+            return 1
+        sys.stdout.write(f"{journal}: uploaded as run {run_id}\n")
+    return 0
+
+
 PIPELINE_COMMAND = "pipeline"
 PIPELINE_MODULE = "pipelines.cli"
 
@@ -109,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed for --help only: main() hands ``refine pipeline ...`` to pipelines.cli before parsing.
     commands.add_parser(PIPELINE_COMMAND, add_help=False,
                         help="compile / run locally / submit the Kubeflow pipelines (refine pipeline --help)")
+    commands.add_parser(TRACKING_COMMAND, add_help=False,
+                        help="upload tracking journals written while MLflow was unreachable (refine tracking sync)")
     return parser
 
 
@@ -130,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == [PIPELINE_COMMAND]:
         return run_pipeline_command(argv[1:])
+    if argv[:1] == [TRACKING_COMMAND]:
+        return run_tracking_command(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         runtime.setup_logging(args.log_level)
@@ -151,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("refine %s: %s (output_dir=%s)", args.command, cfg.name, cfg.output_dir)
     try:
         run_stage(args.command, cfg)
-    except (TrainingDiverged, CheckpointWriteError) as exc:  # the run itself failed: exit 1, with what to change
+    except (TrainingDiverged, CheckpointWriteError, TrackingUnavailable) as exc:  # the run failed: exit 1
         sys.stderr.write(f"refine {args.command}: failed: {exc}\n")
         return 1
     except (ValueError, OSError) as exc:

@@ -467,6 +467,13 @@ class TrackingConfig:
     # Log each checkpoint directory as an MLflow artifact (off for big models: artifacts are copied).
     log_checkpoints: bool = True
     tags: dict[str, str] = field(default_factory=dict)
+    # A failing or unreachable server never takes a stage down: with ``offline`` the run goes on and its tracking is
+    # journaled under ``{output_dir}/tracking-offline/`` (upload: ``refine tracking sync JOURNAL``); ``false``
+    # stops the stage in one line instead. HTTP calls give up after ``request_timeout_s`` and ``max_retries``
+    # (unless $MLFLOW_HTTP_REQUEST_TIMEOUT / _MAX_RETRIES say otherwise).
+    offline: bool = True
+    request_timeout_s: float = 10.0
+    max_retries: int = 2
 
     def __post_init__(self) -> None:
         if self.backend not in ("mlflow", "none"):

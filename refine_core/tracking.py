@@ -25,13 +25,20 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from refine_core import runtime
 from refine_core.config import RunConfig, TrackingConfig, flatten, to_dict
+from refine_core.tracking_offline import (
+    SYNCED_SUFFIX,
+    OfflineJournal,
+    TrackingUnavailable,
+    bounded_http,
+    read_journal,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -406,11 +413,152 @@ def make_tracker(
     experiment: str | None = cfg.tracking.experiment
     if experiment == TrackingConfig().experiment and os.environ.get("MLFLOW_EXPERIMENT_NAME"):
         experiment = None  # let the environment choose
-    return MlflowTracker(
-        experiment=experiment,
-        tracking_uri=cfg.tracking.tracking_uri,
-        run_name=f"{cfg.name}-{stage}",
-        tags=tags,
-        parent_run_id=parent_run_id,
-        run_id=run_id,
+    bounded_http(cfg.tracking.request_timeout_s, cfg.tracking.max_retries)
+    run_name = f"{cfg.name}-{stage}"
+    header = {
+        "experiment": experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.tracking.experiment,
+        "run_name": run_name, "tags": redact(tags), "tracking_uri": resolve_tracking_uri(cfg.tracking.tracking_uri),
+        "parent_run_id": parent_run_id,
+    }
+    journal = Path(cfg.output_dir) / "tracking-offline" / f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+
+    def open_real() -> MlflowTracker:
+        return MlflowTracker(
+            experiment=experiment,
+            tracking_uri=cfg.tracking.tracking_uri,
+            run_name=run_name,
+            tags=tags,
+            parent_run_id=parent_run_id,
+            run_id=run_id,
+        )
+
+    return ResilientTracker(open_real, journal, header, offline=cfg.tracking.offline)
+
+
+# ------------------------------------------------------------------ when the tracking server fails
+class ResilientTracker:
+    """A tracker that falls back to an :class:`OfflineJournal` when the real one fails (see the module docstring).
+
+    Args:
+        open_real: builds the real tracker (an :class:`~refine_core.tracking.MlflowTracker`); may raise.
+        journal_path: where the journal goes if it is needed.
+        header: what the journal records about the run (experiment, run name, tags, tracking URI).
+        offline: fall back (``True``) or fail the stage with one clear line (``False``).
+    """
+
+    def __init__(self, open_real: Callable[[], Any], journal_path: Path, header: Mapping[str, Any],
+                 offline: bool = True) -> None:
+        self._journal_path, self._header, self._offline = journal_path, dict(header), offline
+        self._journal: OfflineJournal | None = None
+        self._real = None
+        try:
+            self._real = open_real()
+        except Exception as exc:  # noqa: BLE001  (any failure of the tracking server, whatever its client raises)
+            self._fall_back("opening the run", exc)
+
+    @property
+    def offline(self) -> bool:
+        return self._journal is not None
+
+    def _fall_back(self, doing: str, exc: BaseException) -> None:
+        uri = self._header.get("tracking_uri")
+        if not self._offline:
+            raise TrackingUnavailable(
+                f"tracking server {uri} failed while {doing} ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                "); check tracking.tracking_uri / $MLFLOW_TRACKING_URI, or set tracking.offline=true to keep "
+                "training and upload later"
+            ) from exc
+        self._journal = OfflineJournal(self._journal_path, self._header, redact)
+        self._real = None
+        logger.warning(
+            "tracking server %s failed while %s (%s: %s); training goes on and tracking continues offline into %s; "
+            "upload it later with: refine tracking sync %s", uri, doing, type(exc).__name__,
+            str(exc).splitlines()[0][:160] if str(exc) else "", self._journal_path, self._journal_path,
+        )
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if self._real is not None:
+            try:
+                return getattr(self._real, name)(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001
+                if isinstance(exc, (TypeError, ValueError)) and not _looks_remote(exc):
+                    raise  # our own misuse (a non-scalar metric, a bad status): a bug to see, not an outage
+                self._fall_back(f"{name}", exc)
+        return getattr(self._journal, name)(*args, **kwargs)
+
+    @property
+    def run_id(self) -> str | None:
+        return self._real.run_id if self._real is not None else None
+
+    def log_config(self, cfg: Any) -> None:
+        self._call("log_config", cfg)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._call("log_params", params)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self._call("log_metrics", metrics, step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._call("log_artifact", path, artifact_path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        self._call("log_artifacts", directory, artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._call("set_tags", tags)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self._call("close", status)
+        if self._journal is not None:
+            logger.warning("tracking ran offline: upload %s with `refine tracking sync %s`", self._journal_path,
+                           self._journal_path)
+
+    def __enter__(self) -> ResilientTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.close("KILLED")
+        else:
+            self.close("FAILED")
+
+
+def _looks_remote(exc: BaseException) -> bool:
+    """MLflow wraps server and connection failures in exceptions whose names or causes say so."""
+    text = f"{type(exc).__module__}.{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in ("mlflow", "connection", "http", "timeout", "max retries"))
+
+
+def sync_journal(path: str | Path, tracking_uri: str | None = None) -> str:
+    """Replay journal ``path`` into the tracking server as one new run; returns its run id.
+
+    The journal is renamed ``*.synced`` afterwards, so it is not uploaded twice.
+    """
+    path = Path(path)
+    start, events = read_journal(path)
+    tracker = MlflowTracker(
+        experiment=start.get("experiment"), tracking_uri=tracking_uri or start.get("tracking_uri"),
+        run_name=start.get("run_name"), tags={**start.get("tags", {}), "refine.synced_from": str(path)},
     )
+    status = "FINISHED"
+    for event in events:
+        kind = event["event"]
+        if kind == "params":
+            tracker.log_params(event["values"])
+        elif kind == "tags":
+            tracker.set_tags(event["values"])
+        elif kind == "metrics":
+            tracker.log_metrics(event["values"], step=event["step"])
+        elif kind in ("artifact", "artifacts"):
+            if Path(event["path"]).exists():
+                getattr(tracker, f"log_{kind}")(event["path"], event.get("artifact_path"))
+            else:
+                logger.warning("%s: %s is gone; its artifact is not uploaded", path, event["path"])
+        elif kind == "end":
+            status = event["status"]
+    tracker.close(status)
+    path.rename(path.with_name(path.name + SYNCED_SUFFIX))
+    return tracker.run_id
