@@ -573,7 +573,10 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML, secret-looking values redacted (the file sits beside checkpoints)."""
+    from refine_core.redaction import redact  # a leaf module: no cycle
+
+    Path(path).write_text(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
 
 
 def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from refine_core import runtime
 from refine_core.config import RunConfig, TrackingConfig, flatten, to_dict
+from refine_core.redaction import redact
 from refine_core.tracking_offline import (
     SYNCED_SUFFIX,
     OfflineJournal,
@@ -48,40 +49,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_TRACKING_DIR = "mlruns"
 DEFAULT_DB_NAME = "mlflow.db"
 CONFIG_ARTIFACT = "config.yaml"
-REDACTED = "***REDACTED***"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _T = TypeVar("_T")
-
-# Key words that mark a secret. ``token`` must stand alone as a word (``hf_token``, ``apiToken``) so that
-# ``model.tokenizer`` and ``data.max_tokens`` stay visible.
-_SECRET_WORDS = re.compile(r"password|passwd|secret|access_?key|credential|private_?key|(?<![a-z])token(?![a-z])")
-_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
-# ``scheme://user:password@host`` in a value: keep the host, drop the user info.
-_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-
-
-def is_secret_key(key: str) -> bool:
-    """Whether a param/tag key names a secret (password, secret, token, access key, credential; any case)."""
-    return bool(_SECRET_WORDS.search(_CAMEL_BOUNDARY.sub("_", key).lower()))
-
-
-def redact(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Copy of a (possibly nested) mapping with secret-looking keys' values and URL passwords replaced."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        out[key] = REDACTED if is_secret_key(str(key)) else _redact_value(value)
-    return out
-
-
-def _redact_value(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return redact(value)
-    if isinstance(value, (list, tuple)):
-        return [_redact_value(v) for v in value]
-    if isinstance(value, str):
-        return _URL_USERINFO.sub(f"{REDACTED}@", value)
-    return value
-
 
 @runtime_checkable
 class Tracker(Protocol):

@@ -12,15 +12,8 @@ from pathlib import Path
 import pytest
 
 from refine_core.config import RunConfig, load_config
-from refine_core.tracking import (
-    CONFIG_ARTIFACT,
-    REDACTED,
-    NullTracker,
-    Tracker,
-    is_secret_key,
-    make_tracker,
-    redact,
-)
+from refine_core.redaction import REDACTED, is_secret_key, redact
+from refine_core.tracking import CONFIG_ARTIFACT, NullTracker, Tracker, make_tracker
 
 mlflow = pytest.importorskip("mlflow")
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "MLFLOW_PARENT_RUN_ID", "RANK")
