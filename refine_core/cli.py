@@ -29,9 +29,7 @@ import yaml
 
 from refine_core import __version__, runtime
 from refine_core.config import ConfigError, RunConfig, load_config, to_dict
-from refine_core.tracking_offline import TrackingUnavailable
-from refine_core.training.checkpoint import CheckpointWriteError
-from refine_core.training.divergence import TrainingDiverged
+from refine_core.errors import RunFailed
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("refine %s: %s (output_dir=%s)", args.command, cfg.name, cfg.output_dir)
     try:
         run_stage(args.command, cfg)
-    except (TrainingDiverged, CheckpointWriteError, TrackingUnavailable) as exc:  # the run failed: exit 1
+    except RunFailed as exc:  # the run started and could not finish (diverged, disk full, a server): exit 1
         sys.stderr.write(f"refine {args.command}: failed: {exc}\n")
         return 1
     except (ValueError, OSError) as exc:

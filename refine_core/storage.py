@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from refine_core.errors import RunFailed
+
 logger = logging.getLogger(__name__)
 
 # Written inside a downloaded directory once every object is there; its content is the listing it was made from.
@@ -103,8 +105,12 @@ def s3_client() -> Any:
     """A boto3 S3 client from the environment (credentials, region and ``AWS_ENDPOINT_URL[_S3]`` as boto3 reads
     them)."""
     import boto3
+    from botocore.config import Config
 
-    return boto3.session.Session().client("s3")
+    # Bounded waits and retries with exponential backoff ("standard" mode: throttling, 5xx, dropped connections),
+    # so that a flaky endpoint is ridden out and a dead one is reported in about a minute, not hung on.
+    config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=120)
+    return boto3.session.Session().client("s3", config=config)
 
 
 def _transfer_config() -> Any:
@@ -280,9 +286,28 @@ def upload_dir(local_dir: str | os.PathLike[str], s3_uri: str) -> list[str]:
 
     with create_transfer_manager(s3_client(), _transfer_config()) as manager:
         futures = [manager.upload(str(path), bucket, key) for path, key in zip(files, keys, strict=True)]
-        for future in futures:
-            future.result()
+        for future, key in zip(futures, keys, strict=True):
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001  (botocore's many client, endpoint and transfer errors)
+                raise UploadFailed(
+                    f"uploading to s3://{bucket}/{key} failed after retries ({_s3_reason(exc)}); the local copy "
+                    f"{src} is kept. Check the bucket, the endpoint (AWS_ENDPOINT_URL) and the credentials, then "
+                    "run again"
+                ) from exc
     return [f"s3://{bucket}/{key}" for key in keys]
+
+
+class UploadFailed(RunFailed):
+    """An upload to S3 failed after retries; the local files are kept."""
+
+
+def _s3_reason(exc: BaseException) -> str:
+    """The short reason of a botocore error (``NoSuchBucket: The specified bucket does not exist``)."""
+    error = getattr(exc, "response", {}).get("Error", {}) if hasattr(exc, "response") else {}
+    if error:
+        return f"{error.get('Code')}: {error.get('Message')}"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
 def publish_dir(local_dir: str | os.PathLike[str], uri: str) -> str:

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from refine_core.config import flatten, to_dict
+from refine_core.errors import RunFailed
 
 SYNCED_SUFFIX = ".synced"
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(RunFailed):
     """The tracking server failed and ``tracking.offline`` is off: the stage stops (exit status 1 in the CLI)."""
 
 

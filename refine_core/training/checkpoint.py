@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from refine_core.errors import RunFailed
+
 logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
@@ -51,7 +53,7 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete or holds something that cannot be saved safely."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(RunFailed):
     """Writing a checkpoint failed (disk full, I/O error): the run stops; the previous checkpoints are untouched."""
 
 

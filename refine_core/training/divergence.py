@@ -15,8 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from refine_core.errors import RunFailed
 
-class TrainingDiverged(RuntimeError):
+
+class TrainingDiverged(RunFailed):
     """The run failed: its gradients were not finite for too many steps in a row (exit status 1 in the CLI)."""
 
 

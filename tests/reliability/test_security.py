@@ -99,3 +99,17 @@ def test_downloaded_keys_never_escape_their_folder(s3, tmp_path):
     with pytest.raises(ValueError, match="does not map to a safe relative path"):
         resolve("s3://bkt/models/tiny", tmp_path / "cache")
     assert not list(tmp_path.rglob("escape.txt"))
+
+
+def test_an_upload_to_a_missing_bucket_fails_in_one_line_naming_the_object(s3, tmp_path):
+    from refine_core.errors import RunFailed
+    from refine_core.storage import publish_dir
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(RunFailed) as info:
+        publish_dir(tmp_path / "model", "s3://no-such-bucket/runs/model")
+    message = str(info.value)
+    assert "s3://no-such-bucket/runs/model/config.json" in message and "NoSuchBucket" in message
+    assert "local copy" in message and "\n" not in message
+    assert (tmp_path / "model" / "config.json").is_file()  # nothing local was removed
