@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from refine_core.models.causal_lm import FastWeightForCausalLM, build_model
@@ -72,12 +73,12 @@ def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
     directory = Path(directory)
     single, index = directory / WEIGHTS_NAME, directory / WEIGHTS_INDEX_NAME
     if single.is_file():
-        return load_file(str(single))
+        return _load_safetensors(single)
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(set(weight_map.values())):
-            state.update(load_file(str(directory / shard)))
+            state.update(_load_safetensors(directory / shard))
         return state
     if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
         raise ValueError(
@@ -85,6 +86,17 @@ def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
             "with transformers: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)"
         )
     raise FileNotFoundError(f"{directory} has neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """``load_file`` with a message that names the file when it is not a whole safetensors file."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({exc}); it is truncated or corrupt: copy it again from "
+            "its source, or point model.source at another checkpoint"
+        ) from exc
 
 
 def load_model_dir(

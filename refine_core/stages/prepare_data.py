@@ -229,6 +229,12 @@ def _write_splits(cfg: RunConfig, tokenizer: Tokenizer, spec: str, tmp: Path) ->
         logger.info("source %s: read %d documents, kept %d", source.path, entry["docs_read"], entry["docs_kept"])
         source_entries.append(entry)
 
+    empty = [str(e["path"]) for e in source_entries if not e["docs_read"]]
+    if counts["docs_read"] == 0:
+        raise ValueError(
+            f"the data sources hold no document at all ({', '.join(empty)}: empty files, or the wrong "
+            "data.sources[].text_column); point data.sources at files with text"
+        )
     if counts["docs_kept"] == 0:
         raise ValueError(
             f"no document has >= data.min_tokens={data.min_tokens} tokens: read {counts['docs_read']} documents, "

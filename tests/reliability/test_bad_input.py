@@ -59,7 +59,7 @@ CASES: dict[str, tuple[str, list[str], list[str]]] = {
     "no such data file": ("prepare-data", ["data.sources=[{path: {t}/nowhere.jsonl}]"],
                           ["nowhere.jsonl", "does not exist"]),
     "an empty data file": ("prepare-data", ["data.sources=[{path: {t}/empty.jsonl}]"],
-                           ["read 0 documents", "data.min_tokens"]),
+                           ["hold no document at all", "empty.jsonl", "text_column"]),
     "no prepared data": ("train-ntp", ["data.prepared_dir={t}/nowhere"], ["no prepared data", "prepare-data"]),
     "a file where output_dir should be": ("train-ntp", ["output_dir={t}/afile", "data.prepared_dir={p}"],
                                           ["Not a directory", "afile"]),
@@ -67,6 +67,10 @@ CASES: dict[str, tuple[str, list[str], list[str]]] = {
                       ["nomodel", "does not exist"]),
     "a model directory without config.json": ("train-ntp", ["model.source={t}", "data.prepared_dir={p}"],
                                               ["config.json not found"]),
+    "a truncated model.safetensors": ("train-ntp", ["model.source={t}/model", "data.prepared_dir={p}"],
+                                      ["model.safetensors is not a readable safetensors file", "truncated"]),
+    "a data file that is not JSON lines": ("prepare-data", ["data.sources=[{path: {t}/mistyped.jsonl}]"],
+                                           ["mistyped.jsonl line 1 is not valid JSON"]),
     "CUDA on a machine without it": ("train-ntp", ["device=cuda", "data.prepared_dir={p}"],
                                      ["device='cuda'", "device=cpu"]),
     "documents shorter than 2 x margin": ("train-refine", ["data.prepared_dir={p}", "refine.margin=1000",
@@ -90,6 +94,13 @@ def setup(scratch) -> None:
     (scratch / "list.yaml").write_text("- a\n- b\n")
     (scratch / "empty.jsonl").write_text("")
     (scratch / "afile").write_text("x")
+    (scratch / "mistyped.jsonl").write_text("{not json\n")
+    from refine_core.models import DeltaNetConfig, build_model, save_pretrained
+
+    model_dir = save_pretrained(build_model(DeltaNetConfig(hidden_size=32, num_hidden_layers=1, num_heads=2,
+                                                           vocab_size=259)), scratch / "model")
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
