@@ -405,7 +405,7 @@ def make_tracker(
 
 
 # ------------------------------------------------------------------ when the tracking server fails
-class ResilientTracker:
+class ResilientTracker(_ContextMixin):
     """A tracker that falls back to an :class:`OfflineJournal` when the real one fails (see the module docstring).
 
     Args:
@@ -483,16 +483,6 @@ class ResilientTracker:
             logger.warning("tracking ran offline: upload %s with `refine tracking sync %s`", self._journal_path,
                            self._journal_path)
 
-    def __enter__(self) -> ResilientTracker:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.close("KILLED")
-        else:
-            self.close("FAILED")
 
 
 def _looks_remote(exc: BaseException) -> bool:

@@ -9,16 +9,10 @@ from __future__ import annotations
 import pytest
 
 from refine_core.cli import main
-from refine_core.config import load_config
-from refine_core.stages.prepare_data import prepare_data
+from tests.reliability.tiny_run import TINY_RUN
 
 TINY = [
-    "device=cpu",
-    "model.config={hidden_size: 32, num_hidden_layers: 1, num_heads: 2}",
-    "data.sources=[{path: synthetic, synthetic_docs: 24, synthetic_words: 60}]",
-    "data.min_tokens=96",
-    "data.max_tokens=128",
-    "data.eval_docs=2",
+    *TINY_RUN,
     "tracking.backend=none",
     "ntp.steps=1",
     "ntp.batch_size=4",
@@ -81,12 +75,6 @@ CASES: dict[str, tuple[str, list[str], list[str]]] = {
     "no post-training files": ("post-train", [], ["post.train_files is empty"]),
 }
 
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prepared")
-    prepare_data(load_config(None, [f"output_dir={root}", *TINY]))
-    return root / "data"
 
 
 def setup(scratch) -> None:

@@ -12,25 +12,14 @@ import pytest
 
 from refine_core.cli import main
 from refine_core.config import ConfigError, load_config
-from refine_core.stages.prepare_data import prepare_data
 from refine_core.training.divergence import DivergenceGuard, TrainingDiverged
+from tests.reliability.tiny_run import TINY_RUN
 
 TINY = [
-    "device=cpu",
-    "model.config={hidden_size: 32, num_hidden_layers: 1, num_heads: 2}",
-    "data.sources=[{path: synthetic, synthetic_docs: 24, synthetic_words: 60}]",
-    "data.min_tokens=96",
-    "data.max_tokens=128",
-    "data.eval_docs=2",
+    *TINY_RUN,
     "tracking.backend=none",
 ]
 
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prepared")
-    prepare_data(load_config(None, [f"output_dir={root}", *TINY]))
-    return root / "data"
 
 
 def run(tmp_path, prepared, command, *extra) -> int:

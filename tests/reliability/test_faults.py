@@ -17,15 +17,11 @@ import pytest
 from safetensors.torch import load_file
 
 from refine_core.training.checkpoint import CheckpointManager
+from tests.reliability.tiny_run import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "device=cpu",
-    "model.config={hidden_size: 32, num_hidden_layers: 1, num_heads: 2}",
-    "data.sources=[{path: synthetic, synthetic_docs: 24, synthetic_words: 60}]",
-    "data.min_tokens=96",
-    "data.max_tokens=128",
-    "data.eval_docs=2",
+    *TINY_RUN,
     "tracking.backend=none",
 ]
 STAGES = {
@@ -57,12 +53,8 @@ def weights(out: Path, stage: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("prepared")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "refine_core", "prepare-data", f"output_dir={root}", *TINY], cwd=REPO,
-                   env=env, check=True, capture_output=True)
-    return root / "data"
+def data(prepared) -> Path:
+    return prepared
 
 
 @pytest.fixture(scope="module")

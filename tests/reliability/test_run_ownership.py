@@ -11,17 +11,11 @@ import pytest
 import torch
 
 from refine_core.cli import main
-from refine_core.config import load_config
-from refine_core.stages.prepare_data import prepare_data
 from refine_core.training.checkpoint import CheckpointManager, write_directory_atomically
+from tests.reliability.tiny_run import TINY_RUN
 
 TINY = [
-    "device=cpu",
-    "model.config={hidden_size: 32, num_hidden_layers: 1, num_heads: 2}",
-    "data.sources=[{path: synthetic, synthetic_docs: 24, synthetic_words: 60}]",
-    "data.min_tokens=96",
-    "data.max_tokens=128",
-    "data.eval_docs=2",
+    *TINY_RUN,
     "tracking.backend=none",
     "ntp.batch_size=4",
     "ntp.micro_batch_size=2",
@@ -30,12 +24,6 @@ TINY = [
     "ntp.lr=1e-3",
 ]
 
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prepared")
-    prepare_data(load_config(None, [f"output_dir={root}", *TINY]))
-    return root / "data"
 
 
 def ntp(tmp_path, prepared, *extra) -> int:

@@ -16,15 +16,11 @@ import torch
 
 from refine_core.cli import main
 from refine_core.training.checkpoint import CheckpointManager
+from tests.reliability.tiny_run import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
-    "device=cpu",
-    "model.config={hidden_size: 32, num_hidden_layers: 1, num_heads: 2}",
-    "data.sources=[{path: synthetic, synthetic_docs: 24, synthetic_words: 60}]",
-    "data.min_tokens=96",
-    "data.max_tokens=128",
-    "data.eval_docs=2",
+    *TINY_RUN,
     "ntp.steps=2",
     "ntp.batch_size=4",
     "ntp.micro_batch_size=2",

@@ -14,14 +14,10 @@ import pytest
 from mlflow import MlflowClient
 
 from refine_core.cli import main
+from tests.reliability.tiny_run import TINY_RUN
 
 TINY = [
-    "device=cpu",
-    "model.config={hidden_size: 32, num_hidden_layers: 1, num_heads: 2}",
-    "data.sources=[{path: synthetic, synthetic_docs: 24, synthetic_words: 60}]",
-    "data.min_tokens=96",
-    "data.max_tokens=128",
-    "data.eval_docs=2",
+    *TINY_RUN,
     "ntp.steps=3",
     "ntp.batch_size=4",
     "ntp.micro_batch_size=2",
