@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from refine_core import runtime
-from refine_core.training.checkpoint import MARKER, TRAINER_STATE, CheckpointError, CheckpointManager
+from refine_core.training.checkpoint import (
+    MARKER,
+    TRAINER_STATE,
+    CheckpointError,
+    CheckpointManager,
+    CheckpointWriteError,
+)
 
 
 def write_model(payload: str = "weights") -> Callable[[Path], None]:
@@ -52,7 +58,7 @@ def test_failing_write_keeps_previous_latest(tmp_path: Path) -> None:
         (path / "model.safetensors").write_text("half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointWriteError, match=r"step 6 .* failed \(disk full\); the previous checkpoint"):
         manager.save(6, crash, {"x": 2})
     assert manager.latest() == good
     assert manager.list_complete() == [good]
