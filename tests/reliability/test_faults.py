@@ -117,3 +117,48 @@ def test_a_full_disk_while_checkpointing_fails_clearly_and_keeps_the_previous_ch
     resumed = refine(tmp_path, data, "ntp", "ntp.resume=true")
     assert resumed.returncode == 0 and "at step 2" in resumed.stderr
     assert_same(weights(tmp_path, "ntp"), straight["ntp"])
+
+
+@pytest.fixture(scope="module")
+def start_model(tmp_path_factory) -> Path:
+    """A tiny model with the byte tokenizer: what test-time training starts from."""
+    import torch
+
+    from refine_core.models import DeltaNetConfig, build_model, save_pretrained
+    from refine_core.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    config = DeltaNetConfig(hidden_size=32, num_hidden_layers=1, num_heads=2, vocab_size=tok.vocab_size,
+                            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    return save_pretrained(build_model(config), tmp_path_factory.mktemp("start") / "model", tokenizer=tok)
+
+
+def ttt(out: Path, model: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    args = ["ttt", f"output_dir={out}", "device=cpu", "tracking.backend=none", f"model.source={model}",
+            "model.tokenizer=null", "eval.task_files=[configs/data/ruler_squadqa_tiny_1024_test.parquet]",
+            "eval.max_examples=4", "eval.max_seq_tokens=512", "ttt.batch_size=2", "refine.num_chunks=2",
+            "refine.margin=8", "refine.rollout_tokens=3", "refine.mini_batch_size=2", "refine.micro_batch_size=1",
+            "refine.lr=1e-2", "refine.reward=exact_match"]
+    runner = ["-m", "tests.reliability.fault_runner", fault, "--"] if fault else ["-m", "refine_core"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, *runner, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_sigkill_during_test_time_training_leaves_the_start_model_and_a_rerun_matches(tmp_path, start_model):
+    """TTT keeps no checkpoints (it adapts a copy in memory and writes results at the end): a killed run leaves the
+    model it started from byte for byte and no partial results, and running it again gives the uninterrupted
+    run's answers."""
+    before = {p.name: p.read_bytes() for p in start_model.iterdir()}
+    straight = ttt(tmp_path / "straight", start_model)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = ttt(tmp_path / "again", start_model, fault="optimizer:2")  # the second batch's adaptation
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "again" / "ttt" / "predictions").exists()  # nothing that looks like a result
+    assert {p.name: p.read_bytes() for p in start_model.iterdir()} == before
+    rerun = ttt(tmp_path / "again", start_model)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    for name in ("predictions/ruler_squadqa.jsonl",):
+        assert (tmp_path / "again" / "ttt" / name).read_text() == (tmp_path / "straight" / "ttt" / name).read_text()
