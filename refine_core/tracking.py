@@ -319,11 +319,11 @@ class MlflowTracker(_ContextMixin):
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy one file into the run's artifacts (under ``artifact_path`` if given)."""
-        self.client.log_artifact(self._run_id, str(path), artifact_path)
+        self.client.log_artifact(self._run_id, str(path), safe_artifact_path(artifact_path))
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         """Copy a directory's contents into the run's artifacts (under ``artifact_path`` if given)."""
-        self.client.log_artifacts(self._run_id, str(directory), artifact_path)
+        self.client.log_artifacts(self._run_id, str(directory), safe_artifact_path(artifact_path))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (values stringified, secrets redacted)."""
@@ -345,6 +345,18 @@ class MlflowTracker(_ContextMixin):
         self._closed = True
         self.client.set_terminated(self._run_id, status=status)
         logger.info("MLflow: run %s %s", self._run_id, status)
+
+
+def safe_artifact_path(artifact_path: str | None) -> str | None:
+    """``artifact_path`` if it stays inside the run's artifact root (relative, no ``..``); refused otherwise."""
+    if artifact_path is None:
+        return None
+    parts = artifact_path.replace("\\", "/").split("/")
+    if artifact_path.startswith(("/", "\\")) or ":" in parts[0] or ".." in parts:
+        raise ValueError(
+            f"artifact path {artifact_path!r} would leave the run's artifact folder; use a relative path without '..'"
+        )
+    return artifact_path
 
 
 def make_tracker(

@@ -23,7 +23,8 @@ import copy
 import logging
 import time
 
-from refine_core.config import RunConfig
+from refine_core.config import ConfigError, RunConfig
+from refine_core.data.shards import load_manifest
 from refine_core.tracking import Tracker
 from refine_core.training.refine_step import refine_step
 from refine_core.training.result import TrainResult
@@ -34,10 +35,29 @@ logger = logging.getLogger(__name__)
 STAGE = "train-refine"
 
 
+def check_document_lengths(cfg: RunConfig) -> None:
+    """Refuse settings the shortest training document cannot satisfy (spec §2 step 1: one position per chunk,
+    ``margin`` tokens kept on both sides), from the prepared data's manifest, before anything is built."""
+    if not cfg.refine.nsp_update or (cfg.data.prepared_dir or "").startswith("s3://"):
+        return  # NTP only, or the data is downloaded later (the step checks each batch then)
+    try:
+        shortest = int(load_manifest(cfg.prepared_dir)["splits"]["train"]["token_lengths"]["min"])
+    except (OSError, KeyError, ValueError):
+        return  # no manifest yet: the session's own checks name what is missing
+    rcfg = cfg.refine
+    if shortest < rcfg.num_chunks or shortest < 2 * rcfg.margin:
+        raise ConfigError(
+            f"the shortest training document has {shortest} tokens, fewer than refine.num_chunks={rcfg.num_chunks} "
+            f"or 2 x refine.margin={2 * rcfg.margin}: lower refine.num_chunks / refine.margin, or prepare longer "
+            "documents (data.min_tokens)"
+        )
+
+
 def train_refine(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
     """Mid-train ``cfg.model`` with REFINE on ``cfg.prepared_dir``; see the module docstring."""
     rcfg = cfg.refine
     stage = STAGE if rcfg.nsp_update else f"{STAGE}-baseline"
+    check_document_lengths(cfg)  # before the model is built: the corpus must fit the selection settings
     session = TrainingSession.open(cfg, stage, rcfg, tracker, batch_size=rcfg.batch_size, data_parallel=True)
     sync = session.sync
     model, tokenizer = session.model, session.tokenizer

@@ -109,3 +109,12 @@ def test_an_upload_to_a_missing_bucket_fails_in_one_line_naming_the_object(s3, t
     assert "s3://no-such-bucket/runs/model/config.json" in message and "NoSuchBucket" in message
     assert "local copy" in message and "\n" not in message
     assert (tmp_path / "model" / "config.json").is_file()  # nothing local was removed
+
+
+@pytest.mark.parametrize("bad", ["../other-run/model", "/etc", "a/../../b", "C:/x"])
+def test_artifact_paths_cannot_leave_the_runs_folder(bad):
+    from refine_core.tracking import safe_artifact_path
+
+    with pytest.raises(ValueError, match="would leave the run's artifact folder"):
+        safe_artifact_path(bad)
+    assert safe_artifact_path("checkpoints/step_00000010") == "checkpoints/step_00000010"
