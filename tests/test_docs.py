@@ -30,3 +30,14 @@ def test_every_refine_option_is_documented_with_its_default() -> None:
             assert shown == "[" + ", ".join(map(str, value)) + "]", (field.name, shown)
         else:
             assert shown == value, (field.name, shown)
+
+
+def test_the_configuration_reference_is_current() -> None:
+    """docs/configuration.md is generated from the config classes; regenerate it when a key changes."""
+    from refine_core.config_reference import render
+
+    doc = DOC.parent / "configuration.md"
+    assert doc.read_text() == render(), (
+        "docs/configuration.md is stale: run `python -m refine_core.config_reference > docs/configuration.md`"
+    )
+    assert "| `refine.num_chunks` | int | `8` |" in doc.read_text()  # every section, with its default
