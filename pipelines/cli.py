@@ -21,6 +21,7 @@ paths are made absolute for local runs, and a config holding anything that looks
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import logging
 import os
@@ -37,6 +38,7 @@ import yaml
 from kfp import compiler, local
 
 from pipelines import PIPELINES, load_pipeline
+from pipelines._console import QuietConsole
 from pipelines._k8s import TrainPlacement
 from refine_core.config import ConfigError, RunConfig, load_config, parse_overrides, to_dict
 from refine_core.tracking import default_tracking_uri, redact
@@ -113,11 +115,14 @@ def compile_pipelines(names: Sequence[str], output: Path, placement: TrainPlacem
 
 
 def run_local(name: str, config_yaml: str, pipeline_root: Path, params: dict[str, Any] | None = None,
-              placement: TrainPlacement | None = None) -> Path:
+              placement: TrainPlacement | None = None, log_path: Path | None = None) -> Path:
     """Run pipeline ``name`` through ``kfp.local`` with subprocesses of this interpreter; returns its run folder.
 
     With a multi-GPU ``placement`` the training tasks create TrainJobs on the cluster of ``$KUBECONFIG`` (the
     tests point it at a loopback fake that runs them here).
+
+    With ``log_path`` the tasks' own output (kfp's executor JSON, every log line) goes to that file and the
+    terminal gets one line per task (:class:`pipelines._console.QuietConsole`); without it, everything is printed.
 
     Raises:
         RuntimeError: a task failed (kfp.local's message names it).
@@ -140,14 +145,15 @@ def run_local(name: str, config_yaml: str, pipeline_root: Path, params: dict[str
             # Locally the images and the resource settings do not apply; kfp says so for every task.
             warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
             warnings.filterwarnings("ignore", message=".*have no effect.*", category=UserWarning)
-            load_pipeline(name, placement)(config_yaml=config_yaml, **(params or {}))
+            with QuietConsole(log_path) if log_path is not None else contextlib.nullcontext():
+                load_pipeline(name, placement)(config_yaml=config_yaml, **(params or {}))
     finally:
         if saved_tmpdir is None:
             os.environ.pop("TMPDIR", None)
         else:
             os.environ["TMPDIR"] = saved_tmpdir
         shutil.rmtree(scratch, ignore_errors=True)
-    new = sorted(set(pipeline_root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
+    new = sorted((p for p in set(pipeline_root.iterdir()) - before if p.is_dir()), key=lambda p: p.stat().st_mtime)
     return new[-1] if new else pipeline_root
 
 
@@ -327,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
         _placement_arguments(sub)
         if command == "run":
             sub.add_argument("--pipeline-root", type=Path, help="where artifacts go (default: {output_dir}/kfp)")
+            sub.add_argument("-v", "--verbose", action="store_true",
+                             help="print every task's output (default: one line per task, the rest in a log file)")
         else:
             sub.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
             sub.add_argument("--experiment", default="refine", help="KFP experiment (default: refine)")
@@ -386,10 +394,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     pipeline_root = (args.pipeline_root or Path(cfg.output_dir) / "kfp").resolve()
     since_ms = int(time.time() * 1000) - 1000
     start = time.perf_counter()
+    log_path = None if args.verbose else pipeline_root / f"{cfg.name}-{stamp}.log"
+    _out(f"running pipeline {load_pipeline(args.pipeline).name} locally"
+         + (f"; task output goes to {log_path} (-v prints it)" if log_path else ""))
     try:
-        run_dir = run_local(args.pipeline, config_yaml, pipeline_root, params, placement)
+        run_dir = run_local(args.pipeline, config_yaml, pipeline_root, params, placement, log_path=log_path)
     except RuntimeError as exc:
-        sys.stderr.write(f"refine pipeline run: {exc}\n")
+        sys.stderr.write(f"refine pipeline run: {exc}" + (f"; its output is in {log_path}" if log_path else "") + "\n")
         return 1
     wall = time.perf_counter() - start
     _out()
