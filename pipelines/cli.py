@@ -274,6 +274,40 @@ def submit(
     return run.run_id, state
 
 
+def dry_run_summary(name: str, cfg: RunConfig, placement: TrainPlacement, params: dict[str, Any]) -> list[str]:
+    """What ``submit`` would send, without a cluster: the pipeline compiled, its tasks and their resources."""
+    pipeline = load_pipeline(name, placement)
+    with tempfile.TemporaryDirectory(prefix="refine-dry-run-") as tmp:
+        package = Path(tmp) / f"{pipeline.name}.yaml"
+        compiler.Compiler().compile(pipeline, str(package))
+        size = package.stat().st_size
+        spec = next(yaml.safe_load_all(package.read_text()))  # the IR; a platform spec (Kubernetes) may follow
+    executors = spec.get("deploymentSpec", {}).get("executors", {})
+    components = spec.get("components", {})
+    tasks: dict[str, dict] = {}
+    pending = [spec["root"]["dag"]["tasks"]]
+    while pending:  # exit handlers and condition groups are components with a DAG of their own
+        for task_name, task in pending.pop().items():
+            inner = components.get(task.get("componentRef", {}).get("name", ""), {}).get("dag")
+            if inner:
+                pending.append(inner["tasks"])
+            else:
+                tasks[task_name] = task
+    lines = [
+        f"dry run: pipeline {pipeline.name} ({len(tasks)} tasks, {size:,} bytes compiled) with config "
+        f"{cfg.name!r} on {placement.nodes} node(s) x {placement.gpus_per_node} GPU(s); nothing was submitted",
+        f"parameters: {', '.join(sorted(params))}",
+    ]
+    for task_name, task in sorted(tasks.items()):
+        executor = components.get(task["componentRef"]["name"], {}).get("executorLabel", "")
+        container = executors.get(executor, {})
+        resources = container.get("container", {}).get("resources", {})
+        gpus = resources.get("accelerator", {}).get("resourceCount") or resources.get("accelerator", {}).get("count")
+        memory = resources.get("resourceMemoryLimit") or resources.get("memoryLimit")
+        lines.append(f"  {task_name:<28} gpus {gpus or 0:<3} memory {memory or '-'}")
+    return lines
+
+
 # Run states after which a KFP run never changes again. kfp 2.17's own wait_for_run_completion leaves CANCELED
 # out (kubeflow/pipelines#14473) and would poll a canceled run until the timeout.
 FINAL_RUN_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED")
@@ -330,7 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                          help="another pipeline parameter, e.g. model_uri=s3://... or model_name=my-model")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. refine.steps=20")
+        sub.add_argument("--print-config", action="store_true",
+                         help="print the resolved config the pipeline would get (secrets redacted) and exit")
         _placement_arguments(sub)
+        if command == "submit":
+            sub.add_argument("--dry-run", action="store_true",
+                             help="compile and summarize the pipeline with this config; contact no cluster")
         if command == "run":
             sub.add_argument("--pipeline-root", type=Path, help="where artifacts go (default: {output_dir}/kfp)")
             sub.add_argument("-v", "--verbose", action="store_true",
@@ -376,6 +415,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"refine pipeline {args.command}: error: {exc}\n")
         return 2
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if args.print_config:
+        sys.stdout.write(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))
+        return 0
+    if args.command == "submit" and args.dry_run:
+        for line in dry_run_summary(args.pipeline, cfg, placement, {"config_yaml": config_yaml, **params}):
+            _out(line)
+        return 0
 
     if args.command == "submit":
         _, state = submit(

@@ -163,3 +163,21 @@ def test_submit_service_account_flag_then_environment_then_none(monkeypatch) -> 
     assert cli.build_parser().parse_args(base).service_account == "from-env"
     assert cli.build_parser().parse_args([*base, "--service-account", "refine-launcher"]).service_account == (
         "refine-launcher")
+
+
+def test_submit_dry_run_summarizes_the_compiled_pipeline_and_contacts_nothing(monkeypatch, capsys) -> None:
+    import kfp
+
+    monkeypatch.setattr(kfp, "Client", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no cluster contact")))
+    assert cli.main(["submit", "--config", TINY, "--host", "http://unreachable.invalid", "--dry-run",
+                     "--gpus-per-node", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing was submitted" in out and "1 node(s) x 4 GPU(s)" in out
+    assert "prepare-data" in out and "ttt-evaluate" in out  # tasks inside the exit handler are listed too
+
+
+def test_print_config_on_run_and_submit_prints_the_resolved_config(capsys) -> None:
+    for command in (["run"], ["submit", "--host", "http://unreachable.invalid"]):
+        assert cli.main([*command, "--config", TINY, "refine.steps=7", "--print-config"]) == 0
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["refine"]["steps"] == 7 and printed["name"]
