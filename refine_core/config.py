@@ -464,8 +464,9 @@ class TrackingConfig:
     # ``None``: ``$MLFLOW_TRACKING_URI`` if set, else the embedded sqlite store under ``./mlruns``.
     tracking_uri: str | None = None
     experiment: str = "refine"
-    # Log each checkpoint directory as an MLflow artifact (off for big models: artifacts are copied).
-    log_checkpoints: bool = True
+    # Also copy every checkpoint (weights + optimizer state) into MLflow's artifacts. Off by default: a real run would
+    # upload gigabytes per save; the final model is always logged (an MLflow Model, refine_core.serving).
+    log_checkpoints: bool = False
     tags: dict[str, str] = field(default_factory=dict)
     # A failing or unreachable server never takes a stage down: with ``offline`` the run goes on and its tracking is
     # journaled under ``{output_dir}/tracking-offline/`` (upload: ``refine tracking sync JOURNAL``); ``false``

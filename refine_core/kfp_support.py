@@ -559,7 +559,7 @@ def register_model_version(
     client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri))
     run_id = source_run_id
     if not run_id or not client.list_artifacts(run_id, "model"):
-        tracker.log_artifacts(model_dir, artifact_path="model")
+        tracker.log_model(model_dir)
         run_id = tracker.run_id
     try:
         client.create_registered_model(name, description="REFINE fast-weight LM (refine_core)")

@@ -69,6 +69,8 @@ class Tracker(Protocol):
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None: ...
 
+    def log_model(self, model_dir: str | Path, artifact_path: str = "model") -> None: ...
+
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
 
     def close(self, status: str = "FINISHED") -> None: ...
@@ -118,6 +120,9 @@ class NullTracker(_ContextMixin):
         pass
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_model(self, model_dir: str | Path, artifact_path: str = "model") -> None:
         pass
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -325,6 +330,23 @@ class MlflowTracker(_ContextMixin):
         """Copy a directory's contents into the run's artifacts (under ``artifact_path`` if given)."""
         self.client.log_artifacts(self._run_id, str(directory), safe_artifact_path(artifact_path))
 
+    def log_model(self, model_dir: str | Path, artifact_path: str = "model") -> None:
+        """Log a model directory (HF layout) as an MLflow ``pyfunc`` Model at ``artifact_path`` of this run.
+
+        ``mlflow.pyfunc.load_model("runs:/<run>/model")`` (or the registered ``models:/<name>/<version>``) then
+        generates text (:mod:`refine_core.serving`); the HF files sit inside it under ``artifacts/<dir name>/``.
+        """
+        import tempfile
+
+        import mlflow.pyfunc
+
+        code = Path(__file__).with_name("mlflow_model.py")  # a model from code: nothing pickled
+        with tempfile.TemporaryDirectory(prefix="refine-mlflow-model-") as tmp:
+            local = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(path=str(local), python_model=str(code), signature=pyfunc_signature(),
+                                     artifacts={HF_ARTIFACT: str(model_dir)})
+            self.log_artifacts(local, artifact_path)
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (values stringified, secrets redacted)."""
         from mlflow.entities import RunTag
@@ -345,6 +367,23 @@ class MlflowTracker(_ContextMixin):
         self._closed = True
         self.client.set_terminated(self._run_id, status=status)
         logger.info("MLflow: run %s %s", self._run_id, status)
+
+
+HF_ARTIFACT = "hf"  # the artifact key of a logged model's Hugging Face layout directory
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+def pyfunc_signature() -> Any:
+    """The logged model's interface (refine_core.serving): a list of prompts in, one generated text each out,
+    ``max_new_tokens`` a parameter (default 32)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS)]),
+    )
 
 
 def safe_artifact_path(artifact_path: str | None) -> str | None:
@@ -486,6 +525,9 @@ class ResilientTracker(_ContextMixin):
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         self._call("log_artifacts", directory, artifact_path)
 
+    def log_model(self, model_dir: str | Path, artifact_path: str = "model") -> None:
+        self._call("log_model", model_dir, artifact_path)
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._call("set_tags", tags)
 
@@ -523,6 +565,11 @@ def sync_journal(path: str | Path, tracking_uri: str | None = None) -> str:
             tracker.set_tags(event["values"])
         elif kind == "metrics":
             tracker.log_metrics(event["values"], step=event["step"])
+        elif kind == "model":
+            if Path(event["path"]).exists():
+                tracker.log_model(event["path"], event.get("artifact_path") or "model")
+            else:
+                logger.warning("%s: %s is gone; its model is not uploaded", path, event["path"])
         elif kind in ("artifact", "artifacts"):
             if Path(event["path"]).exists():
                 getattr(tracker, f"log_{kind}")(event["path"], event.get("artifact_path"))

@@ -67,6 +67,9 @@ class OfflineJournal:
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
         self._write({"event": "artifacts", "path": str(Path(directory).resolve()), "artifact_path": artifact_path})
 
+    def log_model(self, model_dir: str | Path, artifact_path: str = "model") -> None:
+        self._write({"event": "model", "path": str(Path(model_dir).resolve()), "artifact_path": artifact_path})
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._write({"event": "tags", "values": self._redact(tags)})
 

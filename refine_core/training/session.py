@@ -261,7 +261,7 @@ class TrainingSession:
             write_directory_atomically(
                 self.model_dir, lambda d: save_pretrained(self.model, d, tokenizer=self.tokenizer)
             )
-            self.tracker.log_artifacts(self.model_dir, artifact_path="model")
+            self.tracker.log_model(self.model_dir)  # an MLflow pyfunc Model holding the HF files
         self.sync.barrier()  # the exported model exists before any rank returns it
         return self.model_dir
 

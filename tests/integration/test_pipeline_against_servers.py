@@ -9,9 +9,12 @@ Marked ``slow``: the pipeline run is about a minute on 2 cores (shared with ``te
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,7 +115,26 @@ def test_reports_heatmap_and_models_through_the_proxy(pipeline_run: PipelineRun,
         assert png.read_bytes().startswith(PNG_MAGIC)
     for stage in TRAINING_STAGES:
         files = walk_artifacts(tracking_client, by_stage[stage].info.run_id, "model")
-        assert {"model/config.json", "model/model.safetensors"} <= set(files), (stage, files)
+        # an MLflow pyfunc Model with the HF-layout files inside (refine_core.serving)
+        assert {"model/MLmodel", "model/artifacts/model/config.json", "model/artifacts/model/model.safetensors"} <= set(
+            files
+        ), (stage, files)
+
+
+def test_the_registered_model_loads_with_pyfunc_and_generates_text(pipeline_run: PipelineRun, tracking_client
+                                                                    ) -> None:
+    """``mlflow.pyfunc.load_model("models:/<name>/<version>").predict(["prompt"])`` returns text, in a client
+    process that reaches the artifacts only through the tracking server's proxy."""
+    versions = tracking_client.search_model_versions(f"name='{MODEL_NAME}'")
+    assert versions, f"no version of {MODEL_NAME} was registered"
+    latest = max(versions, key=lambda v: int(v.version))
+    code = ("import mlflow, sys; model = mlflow.pyfunc.load_model(sys.argv[1]); "
+            "print(repr(model.predict(['The lamp is on the'], params={'max_new_tokens': 4})))")
+    done = subprocess.run([sys.executable, "-c", code, f"models:/{MODEL_NAME}/{latest.version}"],
+                          env=pipeline_run.env, cwd=pipeline_run.cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert isinstance(text, list) and len(text) == 1 and isinstance(text[0], str)
 
 
 def kfp_output_artifacts(pipeline_root: Path, task_glob: str, output: str) -> list[dict]:
@@ -145,7 +167,7 @@ def test_artifacts_are_objects_in_the_s3_bucket(pipeline_run: PipelineRun, track
     # The REFINE arm's mid-trained weights: the S3 object is byte for byte the model KFP passed downstream, found
     # through the MLflow run id that the KFP artifact carries in its metadata.
     refine_run = by_stage["train-refine"].info.run_id
-    model_key = _key(prefix, by_stage["train-refine"], "model/model.safetensors")
+    model_key = _key(prefix, by_stage["train-refine"], "model/artifacts/model/model.safetensors")  # in the MLflow Model
     assert model_key in keys
     [local_model] = [Path(a["uri"]) / "model.safetensors"
                      for a in kfp_output_artifacts(pipeline_run.pipeline_root, "train-refine*", "model")
