@@ -17,6 +17,7 @@ import torch
 
 from refine_core.data.batching import left_pad
 from refine_core.models import FastWeightForCausalLM, SamplingConfig, generate
+from refine_core.progress import Progress
 from refine_core.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,12 @@ def answer_prompts(
     max_new_tokens: int,
     batch_size: int,
     autocast: Callable[[], AbstractContextManager[None]] = nullcontext,
+    progress: Progress | None = None,
 ) -> list[str]:
-    """Greedy answers (decoded, special tokens skipped) for token-id prompts, ``batch_size`` at a time."""
+    """Greedy answers (decoded, special tokens skipped) for token-id prompts, ``batch_size`` at a time.
+
+    ``progress`` (:class:`refine_core.progress.Progress`) is advanced by the number of prompts of every batch.
+    """
     was_training = model.training
     model.eval()
     answers: list[str] = []
@@ -61,5 +66,7 @@ def answer_prompts(
             )
         for row, length in zip(out.tokens.tolist(), out.lengths.tolist(), strict=True):
             answers.append(tokenizer.decode(row[:length], skip_special_tokens=True))
+        if progress is not None:
+            progress.update(len(out.lengths))
     model.train(was_training)
     return answers

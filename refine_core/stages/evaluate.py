@@ -17,6 +17,7 @@ import logging
 from refine_core.config import RunConfig
 from refine_core.evaluation.answering import answer_prompts
 from refine_core.evaluation.runner import EvalResult, collect_tasks, write_results
+from refine_core.progress import Progress
 from refine_core.runtime import autocast, seed_everything, select_device
 from refine_core.stages.prepare_data import tokenizer_spec
 from refine_core.tokenizer import load_tokenizer
@@ -39,13 +40,15 @@ def evaluate(cfg: RunConfig, tracker: Tracker | None = None) -> EvalResult:
     tasks = collect_tasks(cfg.eval, tokenizer, seed=cfg.seed)
     predictions = {}
     for task in tasks:
-        predictions[task.name] = answer_prompts(
-            model,
-            tokenizer,
-            task.prompts,
-            task.max_new_tokens,
-            cfg.eval.batch_size,
-            autocast=lambda: autocast(device, cfg.precision),
-        )
+        with Progress(f"evaluate {task.name}", total=len(task.prompts), unit="prompt") as progress:
+            predictions[task.name] = answer_prompts(
+                model,
+                tokenizer,
+                task.prompts,
+                task.max_new_tokens,
+                cfg.eval.batch_size,
+                autocast=lambda: autocast(device, cfg.precision),
+                progress=progress,
+            )
         logger.info("%s: answered %d examples", task.name, len(task.prompts))
     return write_results(cfg.stage_dir(STAGE), tasks, predictions, tracker)

@@ -47,6 +47,7 @@ def train_ntp(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
 
     skipped = 0
     step = session.start_step
+    session.eta(step)  # starts the clock of the time-left estimate
     while step < ntp.steps:
         if ntp.stop_after is not None and step - session.start_step >= ntp.stop_after:
             logger.info("stopping after %d steps of this run (ntp.stop_after)", ntp.stop_after)
@@ -97,7 +98,7 @@ def train_ntp(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
                 lr,
                 grad_norm,
                 metrics["ntp/tokens_per_s"],
-                f" | eval {eval_loss:.4f}" if "eval/loss" in metrics else "",
+                (f" | eval {eval_loss:.4f}" if "eval/loss" in metrics else "") + session.eta(step),
             )
 
     return session.result(step, eval_loss, history)

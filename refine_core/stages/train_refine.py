@@ -70,6 +70,7 @@ def train_refine(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
     eval_loss = session.baseline_eval(history)
 
     step = session.start_step
+    session.eta(step)  # starts the clock of the time-left estimate
     while step < rcfg.steps:
         if rcfg.stop_after is not None and step - session.start_step >= rcfg.stop_after:
             logger.info("stopping after %d steps of this run (refine.stop_after)", rcfg.stop_after)
@@ -123,7 +124,7 @@ def train_refine(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
                 metrics.get("refine/reward_em_mean", 0.0),
                 metrics.get("refine/clip_frac", 0.0),
                 elapsed,
-                f" | eval {eval_loss:.4f}" if "eval/loss" in metrics else "",
+                (f" | eval {eval_loss:.4f}" if "eval/loss" in metrics else "") + session.eta(step),
             )
 
     return session.result(step, eval_loss, history)

@@ -26,6 +26,7 @@ import torch
 from refine_core.config import RunConfig
 from refine_core.evaluation.answering import answer_prompts
 from refine_core.evaluation.runner import EvalResult, collect_tasks, write_results
+from refine_core.progress import Progress
 from refine_core.runtime import autocast, seed_everything, select_device
 from refine_core.stages.prepare_data import tokenizer_spec
 from refine_core.tokenizer import load_tokenizer
@@ -77,6 +78,7 @@ def test_time_train(cfg: RunConfig, tracker: Tracker | None = None) -> EvalResul
         answers: list[str] = []
         n = len(task.prompts)
         stop = n - n % ttt.batch_size if ttt.drop_last else n
+        progress = Progress(f"ttt {task.name}", total=stop, unit="prompt")
         for batch_index, lo in enumerate(range(0, stop, ttt.batch_size)):
             prompts = task.prompts[lo : lo + ttt.batch_size]
             saved = None
@@ -99,10 +101,12 @@ def test_time_train(cfg: RunConfig, tracker: Tracker | None = None) -> EvalResul
                 for key in ("refine/ntp_loss", "refine/reward_mean"):
                     if key in metrics:
                         adapt_metrics[f"ttt/{task.name}/{key.split('/')[-1]}"] = metrics[key]
-            answers.extend(answer_prompts(model, tokenizer, prompts, task.max_new_tokens, len(prompts), autocast=amp))
+            answers.extend(answer_prompts(model, tokenizer, prompts, task.max_new_tokens, len(prompts), autocast=amp,
+                                          progress=progress))
             if saved is not None:
                 model.load_state_dict(saved[0])
                 optimizer.load_state_dict(saved[1])
+        progress.close()
         if stop < n:
             logger.info("%s: dropped the last %d examples (ttt.drop_last, spec §10.13)", task.name, n - stop)
             task.examples, task.prompts = task.examples[:stop], task.prompts[:stop]

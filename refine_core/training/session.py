@@ -37,6 +37,7 @@ from refine_core.distributed.ddp import (
 )
 from refine_core.models import FastWeightForCausalLM, save_pretrained
 from refine_core.models.hub import read_state_dict
+from refine_core.progress import format_duration
 from refine_core.runtime import autocast, capture_rng_state, restore_rng_state, seed_everything, select_device
 from refine_core.tokenizer import Tokenizer
 from refine_core.tracking import NullTracker, Tracker
@@ -89,6 +90,8 @@ class TrainingSession:
     guard: DivergenceGuard | None = None
     # What this run is (refine_core.training.run_identity); written into every checkpoint.
     identity: dict[str, str] = field(default_factory=dict)
+    # When this process's training loop started (time.monotonic()), for :meth:`eta`.
+    loop_start: float | None = None
 
     @classmethod
     def open(
@@ -220,6 +223,20 @@ class TrainingSession:
                 "overwrite=true or restore the checkpoints from a backup."
             )
         return None, {}, {}
+
+    def eta(self, step: int) -> str:
+        """`` | eta 3m07s``: the time left at this run's mean step time (empty before the first step)."""
+        import time
+
+        start = self.loop_start
+        if start is None:
+            self.loop_start = time.monotonic()
+            return ""
+        done = step - self.start_step
+        if done <= 0 or step >= self.settings.steps:
+            return ""
+        left = (time.monotonic() - start) / done * (self.settings.steps - step)
+        return f" | eta {format_duration(left)}"
 
     @property
     def model_dir(self) -> Path:

@@ -179,7 +179,7 @@ def test_artifacts_are_objects_in_the_s3_bucket(pipeline_run: PipelineRun, track
     assert local_model.stat().st_size >= MULTIPART_MIN_BYTES and parts >= 2
     assert obj["ETag"].strip('"').endswith(f"-{parts}"), obj["ETag"]
     config_etag = s3.head_object(Bucket=s3_server.bucket, Key=_key(prefix, by_stage["train-refine"],
-                                                                   "model/config.json"))["ETag"]
+                                                                   "model/artifacts/model/config.json"))["ETag"]
     assert "-" not in config_etag, config_etag
 
     heatmaps = [k for k in keys if k.endswith("/niah_heatmap.png")]
