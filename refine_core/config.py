@@ -392,6 +392,9 @@ class EvalConfig:
     niah_lengths: list[int] = field(default_factory=lambda: [4096, 8192, 16384])
     niah_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     niah_examples_per_cell: int = 1
+    # A text file whose sentences make the "essay" NIAH haystack (RULER uses Paul Graham's essays); ``None``: the
+    # built-in essay-like text (offline, not comparable with RULER's numbers). The report says which was used.
+    niah_haystack_file: str | None = None
     # Answers stored joined by "|" are split back as the official code does (spec §10.15).
     official_answer_split: bool = False
 

@@ -45,9 +45,11 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from refine_core.data.tasks import TaskExample
@@ -243,6 +245,22 @@ def _essay_sentence(rng: random.Random) -> str:
     return text[0].upper() + text[1:]
 
 
+BUILTIN_HAYSTACK = "built-in essay-like text (refine_core.evaluation.niah; not RULER's Paul Graham essays)"
+
+
+def haystack_sentences(path: str | Path) -> list[str]:
+    """The sentences of a text file, for the ``essay`` haystack (RULER reads Paul Graham's essays this way).
+
+    Raises:
+        ValueError: the file has no sentence.
+    """
+    text = " ".join(Path(path).read_text(encoding="utf-8", errors="replace").split())
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+    if not sentences:
+        raise ValueError(f"eval.niah_haystack_file={str(path)!r} holds no sentence; give a text file of prose")
+    return sentences
+
+
 def essay_sentences(count: int) -> list[str]:
     """The first ``count`` sentences of the fixed essay-like haystack (same text in every call and run)."""
     while len(_essay_cache) < count:
@@ -296,6 +314,7 @@ class _Plan:
     rng: random.Random
     reserved: frozenset[str]  # the example's own keys and values, which distractors never reuse
     distractors: list[str] = field(default_factory=list)  # the needle haystack, extended on demand
+    essay: Sequence[str] = ()  # sentences of a user-supplied essay haystack (empty: the built-in text)
 
     def _fresh(self, kind: NeedleType) -> str:
         while (value := _random_value(self.rng, kind)) in self.reserved:
@@ -306,6 +325,8 @@ class _Plan:
         if self.cfg.haystack == "noise":
             return [NOISE] * n
         if self.cfg.haystack == "essay":
+            if self.essay:  # the user's text, repeated when a long haystack needs more of it
+                return [self.essay[i % len(self.essay)] for i in range(n)]
             return essay_sentences(n)
         while len(self.distractors) < n:  # RULER's "needle" haystack: needles with random keys and values
             key, value = self._fresh(self.cfg.key_type), self._fresh(self.cfg.value_type)
@@ -413,6 +434,7 @@ def generate_niah(
     seed: int = 0,
     *,
     reserve_tokens: int = RULER_GEN_TOKENS,
+    essay: Sequence[str] = (),
 ) -> list[NiahExample]:
     """Generate NIAH prompts of at most ``length_tokens - reserve_tokens`` tokens under ``tokenizer``.
 
@@ -424,6 +446,7 @@ def generate_niah(
         depths: needle depths in [0, 1]; ``None`` places every needle at a random depth, as RULER does.
         seed: makes the output reproducible; different seeds give different keys, values and placements.
         reserve_tokens: room left for the answer (RULER sizes prompt + 128 generated tokens <= length).
+        essay: sentences for the ``essay`` haystack (:func:`haystack_sentences`); empty: the built-in text.
 
     Returns:
         ``num_examples * len(depths)`` examples (depth-major), each measured to fit the budget.
@@ -451,6 +474,7 @@ def generate_niah(
         for i in range(num_examples):
             rng = random.Random(f"niah|{seed}|{task}|{length_tokens}|{depth!r}|{i}")
             plan = _plan(cfg, rng, depth)
+            plan.essay = essay
             n, tokens = _fit(plan, tokenizer, budget, guess)
             if tokens > budget:
                 raise ValueError(

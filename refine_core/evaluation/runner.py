@@ -19,7 +19,13 @@ from typing import Any
 from refine_core.config import EvalConfig
 from refine_core.data.tasks import TaskExample, expand_task_files, read_task_file
 from refine_core.evaluation.answering import encode_prompt
-from refine_core.evaluation.niah import generate_niah, niah_summary
+from refine_core.evaluation.niah import (
+    BUILTIN_HAYSTACK,
+    NIAH_TASK_CONFIGS,
+    generate_niah,
+    haystack_sentences,
+    niah_summary,
+)
 from refine_core.evaluation.report import niah_heatmap, results_table, write_predictions_jsonl
 from refine_core.evaluation.tasks import get_task, summarize
 from refine_core.tokenizer import Tokenizer
@@ -39,6 +45,8 @@ class EvalTask:
     truncated: int = 0
     # NIAH only: the haystack length and needle depth of each example, for the heatmap.
     cells: list[tuple[int, float]] = field(default_factory=list)
+    # NIAH only: where its essay haystack came from (a file, or the built-in text).
+    haystack: str | None = None
 
 
 @dataclass
@@ -81,11 +89,13 @@ def collect_tasks(cfg: EvalConfig, tokenizer: Tokenizer, seed: int = 0) -> list[
                 truncated=sum(e.truncated for e in encoded),
             )
         )
+    essay = haystack_sentences(cfg.niah_haystack_file) if cfg.niah_haystack_file and cfg.niah_tasks else []
+    haystack = str(cfg.niah_haystack_file) if essay else BUILTIN_HAYSTACK
     for name in cfg.niah_tasks:
         examples, prompts, cells = [], [], []
         for length in cfg.niah_lengths:
             for ex in generate_niah(
-                name, tokenizer, length, cfg.niah_examples_per_cell, depths=cfg.niah_depths, seed=seed
+                name, tokenizer, length, cfg.niah_examples_per_cell, depths=cfg.niah_depths, seed=seed, essay=essay
             ):
                 examples.append(
                     TaskExample(
@@ -99,7 +109,9 @@ def collect_tasks(cfg: EvalConfig, tokenizer: Tokenizer, seed: int = 0) -> list[
                 )
                 prompts.append(tokenizer.encode(ex.prompt))
                 cells.append((ex.length, ex.depth))
-        tasks.append(EvalTask(name, examples, prompts, get_task(name).max_new_tokens, cells=cells))
+        uses_essay = NIAH_TASK_CONFIGS[name].haystack == "essay"
+        tasks.append(EvalTask(name, examples, prompts, get_task(name).max_new_tokens, cells=cells,
+                              haystack=haystack if uses_essay else None))
     for task in tasks:
         if task.truncated:
             logger.warning(
@@ -158,7 +170,12 @@ def write_results(
     summary = summarize(per_task)
     if heat:
         summary["niah_table"] = niah_summary(heat)  # Table A layout: group -> length -> ×100
+    haystacks = sorted({t.haystack for t in tasks if t.haystack})
+    if haystacks:
+        summary["niah_haystack"] = haystacks[0]
     table = results_table(summary)
+    if haystacks:
+        table += f"\n\nNIAH essay haystack: {haystacks[0]}"
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     (out_dir / "summary.md").write_text(table + "\n")
     if heat:

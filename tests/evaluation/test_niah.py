@@ -186,3 +186,29 @@ def test_to_task_example_and_summary() -> None:
         {"task": "niah_single_1", "length": 4096, "score": 1.0},  # S is incomplete (no single_2/3): left out
     ]
     assert niah_summary(records) == {"MQ": {"4096": 75.0, "8192": 25.0, "avg": 50.0}}
+
+
+def test_the_essay_haystack_can_come_from_a_text_file_and_the_report_says_which(tmp_path):
+    from refine_core.config import load_config
+    from refine_core.evaluation.niah import BUILTIN_HAYSTACK, generate_niah, haystack_sentences
+    from refine_core.models import DeltaNetConfig, build_model, save_pretrained
+    from refine_core.stages.evaluate import evaluate
+    from refine_core.tokenizer import ByteTokenizer
+
+    essay = tmp_path / "essays.txt"
+    essay.write_text("The best essays are short. Founders should write them!\nWhy? Because writing is thinking.")
+    sentences = haystack_sentences(essay)
+    assert sentences == ["The best essays are short.", "Founders should write them!", "Why?",
+                         "Because writing is thinking."]
+    tok = ByteTokenizer()
+    [example] = generate_niah("niah_single_2", tok, 700, 1, depths=[0.5], essay=sentences)
+    assert "Founders should write them!" in example.prompt  # the file's text, repeated to fill the haystack
+    model_dir = save_pretrained(build_model(DeltaNetConfig(hidden_size=32, num_hidden_layers=1, num_heads=2,
+                                                           vocab_size=tok.vocab_size)), tmp_path / "m", tokenizer=tok)
+    common = [f"output_dir={tmp_path / 'out'}", "device=cpu", "tracking.backend=none", f"model.source={model_dir}",
+              "model.tokenizer=null", "eval.niah_tasks=[niah_single_2]", "eval.niah_lengths=[700]",
+              "eval.niah_depths=[0.5]", "eval.max_seq_tokens=1024"]
+    result = evaluate(load_config(None, [*common, f"eval.niah_haystack_file={essay}"]))
+    assert result.summary["niah_haystack"] == str(essay) and f"NIAH essay haystack: {essay}" in result.table
+    builtin = evaluate(load_config(None, [*common, f"output_dir={tmp_path / 'out2'}"]))
+    assert builtin.summary["niah_haystack"] == BUILTIN_HAYSTACK
