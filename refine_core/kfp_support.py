@@ -39,6 +39,7 @@ import yaml
 
 from refine_core import runtime
 from refine_core.config import RunConfig, from_dict, parse_overrides, to_dict
+from refine_core.evaluation.report import inline_png, training_curves
 from refine_core.tracking import NullTracker, Tracker, make_tracker, redact, resolve_tracking_uri
 
 logger = logging.getLogger(__name__)
@@ -364,6 +365,10 @@ def training_report(stage: str, steps: int, final_eval_loss: float | None, histo
     """
     lines = [f"# {stage}", "", _run_line(tracker, ctx), "", f"- steps: {steps}",
              f"- final held-out loss: {_fmt(final_eval_loss)}", ""]
+    with tempfile.TemporaryDirectory(prefix="refine-curves-") as tmp:  # the curves, inlined for the KFP UI
+        png = training_curves(history, Path(tmp) / "curves.png", title=stage) if history else None
+        if png is not None:
+            lines += [inline_png(png, f"{stage} training curves"), ""]
     if history:
         keys = [k for k in ("step", "eval/loss", "ntp/loss", "refine/ntp_loss", "refine/nsp_loss",
                             "refine/reward_mean", "post/sft_loss") if any(k in h for h in history)]
@@ -374,11 +379,14 @@ def training_report(stage: str, steps: int, final_eval_loss: float | None, histo
     return "\n".join(lines) + "\n"
 
 
-def eval_report(stage: str, table: str, summary: Mapping[str, Any], tracker: Tracker, ctx: KfpContext) -> str:
+def eval_report(stage: str, table: str, summary: Mapping[str, Any], tracker: Tracker, ctx: KfpContext,
+                heatmap: str | os.PathLike[str] | None = None) -> str:
     """A Markdown report of an evaluation: the results table (×100) and the per-task example counts."""
     counts = summary.get("counts", {})
     lines = [f"# {stage}", "", _run_line(tracker, ctx), "", table, ""]
     lines += [f"- {task}: {n} examples" for task, n in counts.items()]
+    if heatmap is not None and Path(heatmap).is_file():  # the NIAH heatmap, inlined for the KFP UI
+        lines += ["", inline_png(heatmap, "RULER NIAH heatmap")]
     return "\n".join(lines) + "\n"
 
 
@@ -492,7 +500,8 @@ def export_evaluation(
     copy_dir(result.output_dir, results_path)
     scores = publish_metrics(flat_scores(result.summary), metrics_sink)
     if report_path is not None:
-        write_text(report_path, eval_report(stage, result.table, result.summary, tracker, ctx))
+        write_text(report_path, eval_report(stage, result.table, result.summary, tracker, ctx,
+                                            heatmap=Path(result.output_dir) / "niah_heatmap.png"))
     return artifact_metadata(tracker, ctx, stage, scores=scores, **metadata)
 
 

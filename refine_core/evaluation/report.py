@@ -1,4 +1,5 @@
-"""Evaluation outputs: the Markdown results table, the NIAH depth × length heatmap, the predictions JSONL.
+"""Evaluation outputs: the Markdown results table, the NIAH depth × length heatmap, the predictions JSONL, and the
+training curves of a training stage's history (for the reports the Kubeflow UI shows).
 
 Scores are shown ×100 with one decimal, as in the paper's tables (spec §6); :func:`results_table` takes the
 dicts of :func:`refine_core.evaluation.tasks.summarize`. The heatmap is drawn with matplotlib's Agg canvas
@@ -158,3 +159,53 @@ def write_predictions_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     tmp.replace(out)
     return out
+
+
+# The curves a training report shows, in this order, when the history has them.
+CURVES = (
+    ("ntp/loss", "NTP loss"), ("refine/ntp_loss", "NTP loss"), ("eval/loss", "held-out loss"),
+    ("refine/reward_mean", "reward"), ("refine/clip_frac", "clip fraction"), ("post/sft_loss", "SFT loss"),
+)
+
+
+def training_curves(
+    history: Sequence[Mapping[str, float]], path: str | os.PathLike[str], title: str = ""
+) -> Path | None:
+    """Write a PNG with one panel per logged curve (loss, held-out loss, reward, clip fraction) against the step.
+
+    Returns:
+        The written path, or ``None`` when the history has none of :data:`CURVES`.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = []
+    for key, label in CURVES:
+        points = [(h["step"], h[key]) for h in history if key in h and "step" in h and math.isfinite(h[key])]
+        if points and label not in {p[1] for p in panels}:
+            panels.append((key, label, points))
+    if not panels:
+        return None
+    figure = Figure(figsize=(3.2 * len(panels), 2.6), dpi=100)
+    FigureCanvasAgg(figure)
+    for i, (_, label, points) in enumerate(panels):
+        axis = figure.add_subplot(1, len(panels), i + 1)
+        axis.plot([x for x, _ in points], [y for _, y in points], marker="." if len(points) < 30 else None)
+        axis.set_title(label, fontsize=10)
+        axis.set_xlabel("step", fontsize=8)
+        axis.tick_params(labelsize=8)
+    if title:
+        figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+def inline_png(path: str | os.PathLike[str], alt: str) -> str:
+    """An ``<img>`` with the PNG inlined as a data URI: the Kubeflow UI renders it inside a Markdown report."""
+    import base64
+
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{alt}" src="data:image/png;base64,{data}"/>'

@@ -84,6 +84,7 @@ def test_flat_scores_and_reports() -> None:
                               max_rows=5)
     assert "parent run `p`" in text and "MLflow tracking off" in text
     assert text.count("\n| ") <= 7 and "| 39 |" in text  # thinned, last step kept
+    assert '<img alt="train-x training curves" src="data:image/png;base64,' in text  # rendered by the KFP UI
     assert "- qa: 4 examples" in ks.eval_report("ttt", "| table |", summary, NullTracker(), ks.KfpContext())
 
 

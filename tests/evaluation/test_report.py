@@ -71,3 +71,15 @@ def test_predictions_jsonl_hashes_prompts(tmp_path: Path) -> None:
     assert not list(path.parent.glob("*.tmp"))
     with pytest.raises(ValueError, match=r"lacks \['score', 'prompt_sha256 \(or prompt\)'\]"):
         write_predictions_jsonl(tmp_path / "bad.jsonl", [{"id": "a", "task": "t", "prediction": "", "answers": []}])
+
+
+def test_training_curves_and_inline_images_for_the_kfp_reports(tmp_path):
+    from refine_core.evaluation.report import inline_png, training_curves
+
+    history = [{"step": float(s), "refine/ntp_loss": 3.0 - 0.1 * s, "refine/reward_mean": 0.1 * s,
+                "refine/clip_frac": 0.01} for s in range(1, 6)] + [{"step": 5.0, "eval/loss": 2.4}]
+    png = training_curves(history, tmp_path / "curves.png", title="train-refine")
+    assert png is not None and png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert training_curves([{"step": 1.0, "other": 1.0}], tmp_path / "none.png") is None
+    tag = inline_png(png, "curves")
+    assert tag.startswith('<img alt="curves" src="data:image/png;base64,iVBORw0KGgo')
