@@ -21,7 +21,8 @@ def compare_report(
     kfp_task: str = "",
 ):
     """Compare the NTP-baseline and REFINE arms: evaluation scores (×100) of their ``ttt-evaluate`` results and
-    the mid-training held-out loss from their ``train-refine`` models, with REFINE − baseline differences.
+    the mid-training held-out loss from their ``train-refine`` models (beside the loss of the model both started
+    from, when the run started fresh), with differences to the baseline.
 
     The report goes to the KFP UI (Markdown and HTML outputs), to a nested MLflow run and to the parent run's
     ``reports/`` artifacts, where a person browsing the experiment looks first.
@@ -48,7 +49,10 @@ def compare_report(
         for label, results, mid in (("ntp-baseline", baseline_results, baseline_model),
                                     ("refine", refine_results, refine_model))
     }
-    markdown, page, deltas = ks.compare_report(arms, baseline="ntp-baseline")
+    base_loss = baseline_model.metadata.get("initial_eval_loss")
+    if base_loss is not None:  # where both arms started: the same model before its first step
+        arms = {"start model": {"midtrain/final_eval_loss": base_loss}, **arms}
+    markdown, page, deltas = ks.compare_report(arms, baseline="ntp-baseline", caveat=ks.smoke_test_caveat(cfg))
     ks.write_text(report.path, markdown)
     ks.write_text(html_report.path, page)
     with ks.open_stage_run(cfg, "compare", ctx) as tracker:

@@ -390,6 +390,15 @@ def eval_report(stage: str, table: str, summary: Mapping[str, Any], tracker: Tra
     return "\n".join(lines) + "\n"
 
 
+def smoke_test_caveat(cfg: RunConfig) -> str:
+    """What a report of a tiny from-scratch run must say about itself (empty for a real run)."""
+    if cfg.model.source is None and cfg.data.max_tokens < 4096:
+        return (f"This is a smoke test of the workflow ({cfg.name}: a tiny model trained from scratch for a minute on "
+                f"{cfg.data.max_tokens}-token generated documents), not the paper's result; configs/"
+                "delta_net-1.3b-16k.yaml is the paper's scale.")
+    return ""
+
+
 def flat_scores(summary: Mapping[str, Any]) -> dict[str, float]:
     """Task scores and averages (×100) of an evaluation summary as ``eval/<task>`` / ``eval/avg/<name>``."""
     out = {f"eval/{task}": float(v) for task, v in summary.get("scores", {}).items()}
@@ -398,7 +407,7 @@ def flat_scores(summary: Mapping[str, Any]) -> dict[str, float]:
 
 
 def compare_report(arms: Mapping[str, Mapping[str, float | None]], baseline: str,
-                   title: str = "REFINE vs the NTP baseline") -> tuple[str, str, dict[str, float]]:
+                   title: str = "REFINE vs the NTP baseline", caveat: str = "") -> tuple[str, str, dict[str, float]]:
     """The arms' numbers side by side, with each arm's difference to ``baseline``.
 
     Args:
@@ -406,6 +415,7 @@ def compare_report(arms: Mapping[str, Mapping[str, float | None]], baseline: str
             in column order.
         baseline: the label the differences are taken against.
         title: the report's heading.
+        caveat: a sentence put first (e.g. that a tiny run is a smoke test, not the paper's result).
 
     Returns:
         ``(markdown, html, deltas)``; ``deltas`` maps ``compare/<arm>_minus_<baseline>/<metric>`` to a number.
@@ -429,6 +439,7 @@ def compare_report(arms: Mapping[str, Mapping[str, float | None]], baseline: str
             diffs.append(diff)
         rows.append([name, *(_fmt(v) for v in values), *(_fmt(d) for d in diffs)])
     note = f"Evaluation scores are ×100 (higher is better), losses lower is better; Δ = arm − {baseline}."
+    note = f"{caveat} {note}" if caveat else note
     md = [f"# {title}", "", note, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(row) + " |" for row in rows]
     cells = "".join(
@@ -476,8 +487,11 @@ def export_training(
     if report_path is not None:
         write_text(report_path, training_report(stage, result.steps, result.final_eval_loss, result.history,
                                                 tracker, ctx))
+    # the held-out loss before the first step (a fresh run logs it at step 0): the starting model's, for the
+    # comparison of trained arms against what they started from
+    initial = next((h["eval/loss"] for h in result.history if h.get("step") == 0.0 and "eval/loss" in h), None)
     return artifact_metadata(tracker, ctx, stage, steps=result.steps, final_eval_loss=result.final_eval_loss,
-                             **metadata)
+                             initial_eval_loss=initial, **metadata)
 
 
 def export_evaluation(

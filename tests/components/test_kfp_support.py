@@ -92,3 +92,22 @@ def test_refine_core_never_imports_kfp() -> None:
     code = ("import sys, refine_core.cli, refine_core.kfp_support; "
             "assert not [m for m in sys.modules if m == 'kfp' or m.startswith('kfp.')], 'kfp imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_a_tiny_runs_report_says_it_is_a_smoke_test() -> None:
+    from refine_core.config import load_config
+
+    tiny = load_config(ks_repo() / "configs" / "tiny-cpu.yaml")
+    caveat = ks.smoke_test_caveat(tiny)
+    assert "smoke test" in caveat and "not the paper's result" in caveat
+    assert ks.smoke_test_caveat(load_config(ks_repo() / "configs" / "delta_net-1.3b-16k.yaml")) == ""
+    markdown, _, _ = ks.compare_report({"start model": {"loss": 5.5}, "ntp-baseline": {"loss": 4.5},
+                                        "refine": {"loss": 4.4}}, baseline="ntp-baseline", caveat=caveat)
+    assert markdown.splitlines()[2].startswith("This is a smoke test")
+    assert "| loss | 5.5 | 4.5 | 4.4 | 1 | -0.1" in markdown
+
+
+def ks_repo():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[2]
