@@ -89,4 +89,5 @@ def test_the_launcher_runs_the_stage_as_a_trainjob_and_returns_its_model(
     rewards = mlflow_client.get_metric_history(run.info.run_id, "refine/reward_mean")
     assert [m.step for m in rewards] == [1, 2]  # logged per step by the trainer's rank 0
     assert run.data.metrics["train/steps"] == 2
-    assert {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "model")} >= {"model/model.safetensors"}
+    model_files = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "model/artifacts/model")}
+    assert "model/artifacts/model/model.safetensors" in model_files  # inside the logged MLflow Model

@@ -139,4 +139,5 @@ def test_metrics_reach_mlflow(tmp_path, prepared, monkeypatch):
     assert "ntp/loss" in run.data.metrics and "eval/loss" in run.data.metrics
     assert [m.step for m in client.get_metric_history(run_id, "ntp/loss")] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "model", "checkpoints"} <= artifacts
+    assert {"config.yaml", "model"} <= artifacts
+    assert "checkpoints" not in artifacts  # tracking.log_checkpoints is off by default (gigabytes per save)
