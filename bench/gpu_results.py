@@ -68,6 +68,11 @@ def summarize(args: argparse.Namespace) -> dict:
         "steady_refine_over_ntp_340m_4k_first_steps_part": next(
             (round(r["steady_refine_step_s"] / r["steady_ntp_step_s"], 2) for r in (warm, cold) if r), None
         ),
+        # LaCT-760M (the paper's checkpoint shape) at 16K: issue 12's device figures
+        "lact760m_16k_ntp_step_s": step("steps-lact760m-16k", "ntp").get("step_s"),
+        "lact760m_16k_branch_step_s": step("steps-lact760m-16k", "branch").get("step_s"),
+        "lact760m_16k_branch_over_ntp": step("steps-lact760m-16k", "branch").get("ratio_to_ntp"),
+        "lact760m_16k_refine_peak_mem_gib": step("steps-lact760m-16k", "branch").get("peak_mem_gib"),
         "parts_done": sorted({_part_key(r) for r in records}),
         "commits": sorted({r["commit"] for r in records if r.get("commit")}),
     }
