@@ -176,7 +176,10 @@ def test_compare_report_puts_both_arms_side_by_side(tmp_path: Path, mlflow_clien
         refine_model=arms["refine"]["model"], **ctx("compare", parent), **out,
     )
     markdown = Path(out["report"].path).read_text()
-    assert "| metric | ntp-baseline | refine | Δ refine |" in markdown
+    # both arms started fresh: the model they started from stands beside them (its held-out loss before step 1)
+    assert "| metric | start model | ntp-baseline | refine | Δ start model | Δ refine |" in markdown
+    start = arms["ntp-baseline"]["model"].metadata["initial_eval_loss"]
+    assert start > arms["ntp-baseline"]["model"].metadata["final_eval_loss"]
     assert "eval/ruler_squadqa" in markdown and "midtrain/final_eval_loss" in markdown
     assert "<table>" in Path(out["html_report"].path).read_text()
     loss = {arm: arms[arm]["model"].metadata["final_eval_loss"] for arm in arms}
