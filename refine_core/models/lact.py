@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from refine_core.models.configuration import LaCTConfig
 from refine_core.models.layers import RMSNorm
-from refine_core.models.ops.cut_states import CutPlan
+from refine_core.models.ops.cut_states import CutPlan, plan_cuts
 from refine_core.models.ops.cut_states import to_device_nonblocking as _dev
 from refine_core.models.ops.large_chunk import TTTState, chunk_gradients, initial_state, l2_normalize, large_chunk_ttt
 from refine_core.models.ops.window_attention import rotary, window_attention
@@ -179,12 +179,14 @@ class LaCT(nn.Module):
         w2 = self.w2() if isinstance(self.w2, LowRankFastWeight) else self.w2
         return w0, self.w1, w2
 
-    def empty_state(self, batch: int, device: torch.device, dtype: torch.dtype, window: bool = True) -> LaCTState:
-        """The state before any token, for ``batch`` rows (``window=False``: a zero-width attention window)."""
+    def empty_state(self, batch: int, device: torch.device, dtype: torch.dtype, window: bool = True,
+                    weights: tuple[torch.Tensor, ...] | None = None) -> LaCTState:
+        """The state before any token, for ``batch`` rows (``window=False``: a zero-width attention window;
+        ``weights``: :meth:`initial_weights` when the caller already has them)."""
         cfg = self.config
         heads = cfg.num_lact_heads
         w = tuple(t.unsqueeze(0).expand(batch, *t.shape).reshape(batch * heads, *t.shape[1:])
-                  for t in self.initial_weights())
+                  for t in (weights or self.initial_weights()))
         wide = torch.promote_types(dtype, torch.float32)
         tt = initial_state(w, prenorm=cfg.ttt_prenorm, momentum=cfg.use_momentum, gate_dtype=wide)
         width = cfg.window_size - 1 if window else 0
@@ -227,9 +229,10 @@ class LaCT(nn.Module):
         B, T, D = hidden_states.shape
         heads, d_fw = cfg.num_lact_heads, cfg.fw_head_dim
         official = cfg.pad_into_fast_weights
+        w_init = self.initial_weights()  # the low-rank products, once per call
         fresh = state is None
         if fresh:
-            state = self.empty_state(B, hidden_states.device, hidden_states.dtype, window=False)
+            state = self.empty_state(B, hidden_states.device, hidden_states.dtype, window=False, weights=w_init)
         mask = PaddingMask.of(attention_mask)
         real = torch.full((B,), T, dtype=torch.long) if mask is None else mask.host.sum(1)
         valid = torch.ones(B, T, dtype=torch.bool, device=hidden_states.device) if mask is None else mask.device
@@ -281,10 +284,8 @@ class LaCT(nn.Module):
         lr = per_head(lr)
         lr3 = (lr[..., 0:1], lr[..., 1:2], lr[..., 2:3])
         gate = per_head(self.momentum_proj(hidden_states).to(wide)) if cfg.use_momentum else None
-        w_init = self.initial_weights()
         norms = tuple(t.norm(dim=2, keepdim=True).repeat(B, 1, 1) for t in w_init)
         ttt_real = torch.full((B,), T, dtype=torch.long) if official else real
-        plan = cuts if cuts is None or isinstance(cuts, CutPlan) else None
         want_cuts = cuts is not None
         if want_cuts and (official or bool((state.seen > 0).any())):
             raise NotImplementedError(
@@ -310,10 +311,7 @@ class LaCT(nn.Module):
                                        window_len=new_window[2])
         cut_state = None
         if want_cuts:
-            if plan is None:
-                from refine_core.models.ops.cut_states import plan_cuts
-
-                plan = plan_cuts(cuts, T, hidden_states.device)
+            plan = cuts if isinstance(cuts, CutPlan) else plan_cuts(cuts, T, hidden_states.device)
             cut_state = self._cut_states(plan, starts, per_head(fast_k), per_head(fast_v), lr3, gate, ka, va, real, T)
         return out, new_state, cut_state
 

@@ -80,10 +80,9 @@ def check_resume(
     )
 
 
-def claim_stage_dir(stage_dir: Path, checkpoints: Path, section: str, overwrite: bool) -> None:
+def claim_stage_dir(stage_dir: Path, section: str, overwrite: bool) -> None:
     """Make sure a fresh run (not resuming) starts from a stage directory with no earlier checkpoints or model."""
-    model_dir = stage_dir / "model"
-    found = [p for p in (checkpoints, model_dir) if p.exists() and any(p.iterdir())]
+    found = [p for p in (stage_dir / "checkpoints", stage_dir / "model") if p.exists() and any(p.iterdir())]
     if not found:
         return
     if not overwrite:

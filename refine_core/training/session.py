@@ -146,7 +146,7 @@ class TrainingSession:
         stage_dir = cfg.stage_dir(stage)
         section = getattr(settings, "section", "post")
         if not settings.resume and (ctx is None or ctx.is_main):
-            claim_stage_dir(stage_dir, stage_dir / "checkpoints", section, cfg.overwrite)
+            claim_stage_dir(stage_dir, section, cfg.overwrite)
         if ctx is not None:
             barrier()  # no rank looks at the stage directory before rank 0 has claimed it
         stage_dir.mkdir(parents=True, exist_ok=True)

@@ -136,15 +136,15 @@ def _fold(state: TTTState, dw: Triple, gate_mean: torch.Tensor | None, norms: Tr
 
 
 def _segment_index(real: torch.Tensor, count: torch.Tensor, length: int, chunk: int, s: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Padded positions ``[N, width]`` of segment ``s``'s tokens per row, which of them are real, and the width."""
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded positions ``[N, width]`` of segment ``s``'s tokens per row, and which of them are real."""
     start = torch.clamp(s * chunk - count, min=0)  # index among the row's new real tokens
     stop = torch.minimum((s + 1) * chunk - count, real)
     n_tokens = (stop - start).clamp(min=0)
     width = int(n_tokens.max()) if n_tokens.numel() else 0
     steps = torch.arange(width)
     index = (length - real + start)[:, None] + steps
-    return index.clamp(0, max(length - 1, 0)), steps < n_tokens[:, None], width
+    return index.clamp(0, max(length - 1, 0)), steps < n_tokens[:, None]
 
 
 def large_chunk_ttt(
@@ -192,7 +192,7 @@ def large_chunk_ttt(
             gs = None if gate is None else gate[:, sl]
             valid = None
         else:
-            index, valid_cpu, _ = _segment_index(real, count, T, chunk, s)
+            index, valid_cpu = _segment_index(real, count, T, chunk, s)
             index, valid = _dev(index, q.device), _dev(valid_cpu, q.device)
             take = lambda x, index=index: x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
             qs, ks, vs = take(q), take(k), take(v)
