@@ -67,12 +67,15 @@ SHAPES = {
 }
 DENSE_BF16_TFLOPS = {"H200": 989.5, "H100": 989.5}  # SXM datasheets, dense (no sparsity)
 
+# the files of tests/gpu that the ``tests`` part runs (test_ddp_export needs two GPUs)
+GPU_TEST_FILES = ("branch_engine", "decode_graph", "fla_model", "fla_ops", "lact_gpu")
+
 # name -> (estimated seconds on a warm cache, argv of the part)
 PARTS: dict[str, tuple[int, list[str]]] = {
     "env": (30, ["env"]),
     "cold-340m-4k": (300, ["first-steps", "340m", "4096", "cold"]),
     "warm-340m-4k": (35, ["first-steps", "340m", "4096", "warm"]),
-    "tests": (120, ["tests"]),
+    "tests": (120, ["tests", ",".join(GPU_TEST_FILES)]),
     "steps-340m-4k": (60, ["steps", "340m", "4096", "ntp,branch,faithful"]),
     "decode-340m": (80, ["decode", "340m"]),
     "steps-1p3b-16k": (240, ["steps", "1p3b", "16384", "ntp,branch"]),
@@ -259,8 +262,11 @@ def part_steps(model_name: str, length: int, cases: str) -> None:
         torch.cuda.reset_peak_memory_stats()
         times, phases = [], []
         try:
+            t0 = time.perf_counter()
             _step(model, optimizer, docs, cfg, 0)  # warm-up (and first-shape compiles)
             _sync()
+            # progress lines: a part cut off by the slot's end still says how far each case got
+            print(f"PROGRESS {case} warm-up step {time.perf_counter() - t0:.2f}s", flush=True)
             entries = _triton_entries()
             for rep in range(1, repeats + 1):
                 _sync()
@@ -269,6 +275,7 @@ def part_steps(model_name: str, length: int, cases: str) -> None:
                 _sync()
                 times.append(time.perf_counter() - t0)
                 phases.append({k: v for k, v in metrics.items() if k.startswith("time/")})
+                print(f"PROGRESS {case} step {rep} {times[-1]:.2f}s", flush=True)
         except torch.OutOfMemoryError as exc:
             _emit({"part": f"steps-{model_name}-{length // 1024}k", "case": case, **base, "error": f"OOM: {exc}"[:300]})
             optimizer.zero_grad(set_to_none=True)
@@ -344,17 +351,27 @@ def part_profile(model_name: str, length: int) -> None:
         })
 
 
-def part_tests(log: Path) -> None:
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-s", "-q", "-p", "no:cacheprovider",
-           "tests/gpu/test_branch_engine.py", "tests/gpu/test_decode_graph.py", "tests/gpu/test_fla_model.py",
-           "tests/gpu/test_fla_ops.py", "tests/gpu/test_lact_gpu.py",
-           "-k", "not test_fla_delta_rule_matches_torch and not gated_backward"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    log.write_text(proc.stdout + proc.stderr)
-    lines = [ln for ln in proc.stdout.splitlines() if "rel err" in ln or "passed" in ln or "failed" in ln]
-    if proc.returncode != 0:  # the failures' own report, so that run.log says which test failed and why
-        print((proc.stdout + proc.stderr)[-6000:], flush=True)
-    _emit({"part": "tests", "returncode": proc.returncode, "summary": lines[-12:]})
+def part_tests(log: Path, files: str) -> None:
+    """The GPU tests, one pytest process per file and one record each: a slot that ends mid-way keeps the files that
+    finished (the next slot runs only the rest), and ``tests.log`` grows as they run."""
+    done = {r.get("case") for r in _records(log.parent) if r.get("part") == "tests" and r.get("returncode") == 0}
+    for name in files.split(","):
+        if name in done:
+            continue
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-s", "-v", "-p", "no:cacheprovider",
+               f"tests/gpu/test_{name}.py", "-k", "not test_fla_delta_rule_matches_torch and not gated_backward"]
+        t0 = time.perf_counter()
+        with open(log, "a") as f:
+            f.write(f"===== tests/gpu/test_{name}.py\n")
+            f.flush()
+            proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True)
+        text = log.read_text()
+        own = text[text.rindex(f"===== tests/gpu/test_{name}.py"):]
+        lines = [ln for ln in own.splitlines() if "rel err" in ln or "passed" in ln or "failed" in ln]
+        if proc.returncode != 0:  # the failures' own report, so that run.log says which test failed and why
+            print(own[-6000:], flush=True)
+        _emit({"part": "tests", "case": name, "returncode": proc.returncode, "seconds": round(time.perf_counter() - t0),
+               "summary": lines[-12:]})
 
 
 # ----------------------------------------------------------------------------------------------------- orchestration
@@ -381,7 +398,8 @@ def _done(state: Path, card: str) -> set[str]:
     done = set()
     for name, cases in seen.items():
         argv = PARTS.get(name, (0, []))[1]
-        wanted = set(argv[3].split(",")) if argv[:1] == ["steps"] else set()
+        wanted = (set(argv[3].split(",")) if argv[:1] == ["steps"]
+                  else set(argv[1].split(",")) if argv[:1] == ["tests"] else set())
         if wanted <= cases:
             done.add(name)
     return done
@@ -500,7 +518,7 @@ def main() -> None:
             elif kind == "profile":
                 part_profile(rest[0], int(rest[1]))
             elif kind == "tests":
-                part_tests(Path(args.state) / "tests.log")
+                part_tests(Path(args.state) / "tests.log", rest[0] if rest else ",".join(GPU_TEST_FILES))
             else:
                 raise SystemExit(f"unknown part {kind!r}")
 

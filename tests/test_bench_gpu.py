@@ -68,3 +68,16 @@ def test_triton_cache_parts_round_trip(tmp_path):
     (tmp_path / "slot2").mkdir()  # run() makes the state folder before unpacking
     unpack_cache(tmp_path / "slot2", out)
     assert (tmp_path / "slot2" / "triton" / "abc123" / "kernel.cubin").read_bytes() == bytes(range(256)) * 64
+
+
+def test_the_tests_part_is_done_only_when_every_gpu_test_file_has_a_record(tmp_path):
+    """The GPU tests run one file per pytest process: a slot that ends mid-way leaves the part undone."""
+    from bench.bench_gpu import GPU_TEST_FILES
+
+    card = "NVIDIA H100 80GB HBM3"
+    first = [{"part": "tests", "case": name, "returncode": 0, "card": card} for name in GPU_TEST_FILES[:2]]
+    _write(tmp_path, first)
+    assert "tests" not in _done(tmp_path, card)
+    rest = [{"part": "tests", "case": name, "returncode": 0, "card": card} for name in GPU_TEST_FILES[2:]]
+    _write(tmp_path, first + rest)
+    assert "tests" in _done(tmp_path, card)
