@@ -111,21 +111,25 @@ def test_graph_continues_from_a_cache_and_next_logits():
     assert all(torch.equal(a, b) for a, b in zip(before, _tensors(out.cache), strict=True))  # caller's cache intact
 
 
-class EosBoost(torch.nn.Module):
-    """A bonus on the EOS logit, so that every row stops at ``min_new_tokens`` (inside the captured step too)."""
+def _boost_eos(model: torch.nn.Module) -> torch.nn.Module:
+    """A bonus on the EOS logit, so that every row stops at ``min_new_tokens`` (inside the captured step too).
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args, **kwargs):
-        out = self.model(*args, **kwargs)
-        out.logits[..., EOS] += 100.0
-        return out
+    The bonus is a bias on the LM head: ``generate`` calls ``model.lm_head`` on the prefill's last hidden state itself
+    (the prefill returns no ``[B, T, V]`` logits), so a wrapper around ``forward`` would miss the first token.
+    """
+    head = model.lm_head
+    boosted = torch.nn.Linear(head.in_features, head.out_features, bias=True, device=head.weight.device,
+                              dtype=head.weight.dtype)
+    with torch.no_grad():
+        boosted.weight.copy_(head.weight)
+        boosted.bias.zero_()
+        boosted.bias[EOS] = 100.0
+    model.lm_head = boosted
+    return model
 
 
 def test_graph_early_eos_returns_the_eager_cache():
-    model = EosBoost(_model("delta_net", "bf16"))
+    model = _boost_eos(_model("delta_net", "bf16"))
     ids, mask = _prompt(4)
     sampling = SamplingConfig(max_new_tokens=30, min_new_tokens=11)  # all stop at step 11, checked at step 15
     graph = generate(model, ids, mask, sampling, eos_token_id=EOS, cuda_graph=True)

@@ -264,6 +264,39 @@ def test_short_conv_low_precision_and_errors() -> None:
         short_conv(x, weight[:5])
 
 
+@pytest.mark.parametrize("T", [2, 11])
+@pytest.mark.parametrize("with_cache", [False, True], ids=["fresh", "cache"])
+def test_fla_short_conv_glue_builds_the_cache_like_the_torch_path(
+    monkeypatch: pytest.MonkeyPatch, T: int, with_cache: bool
+) -> None:
+    """The fla path takes only ``y`` from fla's kernel and builds the final cache itself (fla 0.6.0's backward drops
+    the gradient of the cache's slot 0). A stand-in for the kernel computes ``y`` with the PyTorch path, so this
+    checks the glue: the cache and every gradient equal the PyTorch path's, for ``T`` shorter and longer than W."""
+    B, D, W = 2, 3, 4
+
+    def fake_causal_conv1d(x, weight, bias, initial_state, output_final_state, activation, backend):
+        assert not output_final_state and backend == "triton"
+        return short_conv(x, weight[:, None], bias, activation, initial_state)[0], None
+
+    fake = type(sys)("fla.modules.causal_conv1d")
+    fake.causal_conv1d = fake_causal_conv1d
+    monkeypatch.setitem(sys.modules, "fla.modules.causal_conv1d", fake)
+    x = torch.randn(B, T, D, dtype=F64, requires_grad=True)
+    weight = torch.randn(D, 1, W, dtype=F64, requires_grad=True)
+    cache = torch.randn(B, D, W, dtype=F64, requires_grad=True) if with_cache else None
+    leaves = [t for t in (x, weight, cache) if t is not None]
+    results = []
+    for conv in (fla_backend.fla_short_conv, lambda *a: short_conv(*a)):
+        y, new_cache = conv(x, weight, None, "silu", cache, True)
+        probe = torch.Generator().manual_seed(0)
+        loss = (y * torch.randn(y.shape, generator=probe, dtype=F64)).sum()
+        loss = loss + (new_cache * torch.randn(new_cache.shape, generator=probe, dtype=F64)).sum()
+        results.append([y, new_cache, *torch.autograd.grad(loss, leaves)])
+    for i, (glue, torch_path) in enumerate(zip(*results, strict=True)):
+        torch.testing.assert_close(glue, torch_path, msg=f"tensor {i}")
+    assert fla_backend.fla_short_conv(x, weight, None, "silu", cache, False)[1] is None
+
+
 def test_norms_match_their_formulas() -> None:
     x = torch.randn(3, 7, 16, dtype=F64)
     gate = torch.randn(3, 7, 16, dtype=F64)

@@ -219,12 +219,24 @@ def fla_short_conv(
 
     ``weight`` is ``[D, 1, W]`` as :func:`refine_core.models.ops.short_conv` takes it; ``cache`` ``[B, D, W]`` is the
     same layout as fla's ``initial_state``, and the returned cache too.
+
+    The returned cache is built here, not by fla: fla 0.6.0's backward passes the cache's gradient on to the last
+    ``W - 1`` inputs only (``causal_conv1d_bwd_kernel``: ``start_tok = T - (W - 1)``), dropping slot 0's, which the
+    PyTorch path keeps (the device's ``test_short_conv_fla_path_matches_torch[100-*]`` found dx off by 87%). The next
+    step never reads slot 0, but both paths must be the same function; the cache is ``W`` columns, a negligible copy.
     """
     conv = importlib.import_module("fla.modules.causal_conv1d")
-    return conv.causal_conv1d(
-        x, weight.squeeze(1), bias, initial_state=cache, output_final_state=output_final_state,
-        activation=activation, backend="triton",
+    y, _ = conv.causal_conv1d(
+        x, weight.squeeze(1), bias, initial_state=cache, output_final_state=False, activation=activation,
+        backend="triton",
     )
+    if not output_final_state:
+        return y, None
+    batch, _, dim = x.shape
+    width = weight.shape[-1]
+    past = cache.to(x.dtype) if cache is not None else x.new_zeros(batch, dim, width)
+    tail = x[:, -width:].transpose(1, 2)  # [B, D, min(T, W)], oldest first
+    return y, torch.cat([past, tail], dim=-1)[..., -width:].contiguous()
 
 
 def fla_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
