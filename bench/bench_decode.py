@@ -98,6 +98,16 @@ def _step_seconds(model: FastWeightForCausalLM, prompt: torch.Tensor, steps: int
     return cuda_time_s(run, repeats)[0] / steps
 
 
+def _greedy_self_consistency(model: torch.nn.Module, prompt: torch.Tensor, generated: torch.Tensor) -> float:
+    """The fraction of ``generated`` (greedy, cached) tokens that one uncached forward of prompt + generated also
+    picks: about 1.0 when ``generate`` honours its cache, much lower when it silently drops the state (fla 0.6.0's
+    ``generate`` did under transformers 5.24). Separates a broken baseline from near-tied logits of random weights."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([prompt, generated], 1), use_cache=False).logits
+    picked = logits[:, prompt.shape[1] - 1 : -1].argmax(-1)
+    return round(float((picked == generated).float().mean()), 4)
+
+
 def _hf_model(model: FastWeightForCausalLM) -> torch.nn.Module:
     """fla's own class for ``model.config``, with ``model``'s weights (our state-dict keys are fla's)."""
     import fla.models  # noqa: F401  (registers fla's configs and models with the Auto classes)
@@ -211,6 +221,7 @@ def measure_decode(
                 hf_agreement_first_tokens=n,
                 hf_agreement_fraction=round(float(same.float().mean()), 4),
                 hf_rows_identical_fraction=round(float(same.all(-1).float().mean()), 4),
+                hf_self_consistency=_greedy_self_consistency(theirs, prompt, hf_tokens[:, :n]),
             )
         clear_decode_graphs()
         yield row

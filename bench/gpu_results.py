@@ -64,6 +64,10 @@ def summarize(args: argparse.Namespace) -> dict:
         "first_step_s_cold": cold.get("first_refine_step_s"),
         "first_step_s_warm": warm.get("first_refine_step_s"),
         "steady_step_s": warm.get("steady_refine_step_s"),
+        # the process's very first step (NTP) also pays CUDA/cuBLAS start-up and loading every cached kernel
+        "first_ntp_step_s_cold": cold.get("first_ntp_step_s"),
+        "first_ntp_step_s_warm": warm.get("first_ntp_step_s"),
+        "steady_ntp_step_s_warm": warm.get("steady_ntp_step_s"),
         # the same ratio from the first-steps part (its steps 1-3 after the first; 8 documents, one mini-batch)
         "steady_refine_over_ntp_340m_4k_first_steps_part": next(
             (round(r["steady_refine_step_s"] / r["steady_ntp_step_s"], 2) for r in (warm, cold) if r), None
@@ -125,4 +129,5 @@ def tables(args: argparse.Namespace) -> None:
             for k in r["top_kernels"][:10]:
                 print(f"    {k['ms']:8.2f} ms {k['share']:6.1%} x{k['calls']:<5} {k['kernel']}")
         if r["part"] == "tests":
-            print("\ntests: exit", r["returncode"], *r["summary"], sep="\n    ")
+            name = f"tests/gpu/test_{r['case']}.py" if r.get("case") else "tests"
+            print(f"\n{name}: exit {r['returncode']}", *r["summary"], sep="\n    ")

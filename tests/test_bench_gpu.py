@@ -81,3 +81,26 @@ def test_the_tests_part_is_done_only_when_every_gpu_test_file_has_a_record(tmp_p
     rest = [{"part": "tests", "case": name, "returncode": 0, "card": card} for name in GPU_TEST_FILES[2:]]
     _write(tmp_path, first + rest)
     assert "tests" in _done(tmp_path, card)
+
+
+def test_greedy_self_consistency_tells_a_cached_generate_from_one_that_drops_its_state():
+    """The check bench_decode runs on Hugging Face ``generate``: greedy tokens from a correct cache are what one
+    uncached forward picks too; tokens from a decoder that forgets the prefix are not."""
+    import torch
+
+    from bench.bench_decode import _greedy_self_consistency
+    from refine_core.models import DeltaNetConfig, SamplingConfig, build_model, generate
+
+    torch.manual_seed(0)
+    model = build_model(DeltaNetConfig(hidden_size=64, num_hidden_layers=2, num_heads=4, vocab_size=50)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)  # sharp logits: no near-ties
+    prompt = torch.randint(3, 50, (4, 12))
+    cached = generate(model, prompt, torch.ones_like(prompt), SamplingConfig(max_new_tokens=6), cuda_graph=False)
+    assert _greedy_self_consistency(model, prompt, cached.tokens) == 1.0
+    forgetful = torch.stack([  # each token chosen from the previous token alone, as a decoder without state would
+        generate(model, prompt[:, -1:], None, SamplingConfig(max_new_tokens=1), cuda_graph=False).tokens[:, 0]
+    ] * 6, 1)
+    assert _greedy_self_consistency(model, prompt, forgetful) < 0.8
