@@ -21,8 +21,8 @@ def compare_report(
     kfp_task: str = "",
 ):
     """Compare the NTP-baseline and REFINE arms: evaluation scores (×100) of their ``ttt-evaluate`` results and
-    the mid-training held-out loss from their ``train-refine`` models (beside the loss of the model both started
-    from, when the run started fresh), with differences to the baseline.
+    the mid-training held-out loss and recall probe from their ``train-refine`` models (beside those of the model
+    both started from, when the run started fresh), with differences to the baseline.
 
     The report goes to the KFP UI (Markdown and HTML outputs), to a nested MLflow run and to the parent run's
     ``reports/`` artifacts, where a person browsing the experiment looks first.
@@ -44,14 +44,13 @@ def compare_report(
 
     cfg, ctx = ks.config_from_yaml(config_yaml), ks.KfpContext(parent_run_id, kfp_run_id, kfp_task)
     arms = {
-        label: {**ks.flat_scores(ks.read_summary(results.path)),
-                "midtrain/final_eval_loss": mid.metadata.get("final_eval_loss")}
+        label: {**ks.flat_scores(ks.read_summary(results.path)), **ks.midtrain_scores(mid.metadata, "final")}
         for label, results, mid in (("ntp-baseline", baseline_results, baseline_model),
                                     ("refine", refine_results, refine_model))
     }
-    base_loss = baseline_model.metadata.get("initial_eval_loss")
-    if base_loss is not None:  # where both arms started: the same model before its first step
-        arms = {"start model": {"midtrain/final_eval_loss": base_loss}, **arms}
+    start = ks.midtrain_scores(baseline_model.metadata, "initial")
+    if start:  # where both arms started: the same model before its first step
+        arms = {"start model": start, **arms}
     markdown, page, deltas = ks.compare_report(arms, baseline="ntp-baseline", caveat=ks.smoke_test_caveat(cfg))
     ks.write_text(report.path, markdown)
     ks.write_text(html_report.path, page)

@@ -3,17 +3,19 @@
 ``kfp.local`` prints each task's whole stream (its executor JSON, every log line) to ``sys.stdout``, well over a
 thousand lines for the tiny demo. :class:`QuietConsole` stands in for ``sys.stdout`` while the pipeline runs: every
 byte goes to the log file, and the terminal gets one line when a task starts (on a terminal only) and one when it
-ends, with its status and duration. ``refine pipeline run -v`` keeps kfp's full stream instead.
+ends, with its status, duration and key figure (read from the task's ``executor_output.json`` under the pipeline
+root: a held-out loss, a score, what was registered). ``refine pipeline run -v`` keeps kfp's full stream instead.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _START = re.compile(r"Executing task '([^']+)'")
@@ -26,9 +28,10 @@ class QuietConsole:
     Use as a context manager; it restores ``sys.stdout`` on exit.
     """
 
-    def __init__(self, log_path: Path, terminal: TextIO | None = None) -> None:
+    def __init__(self, log_path: Path, terminal: TextIO | None = None, pipeline_root: Path | None = None) -> None:
         self.log_path = log_path
         self.terminal = terminal or sys.stdout
+        self.pipeline_root = pipeline_root
         self.tasks: list[tuple[str, str, float]] = []  # (task, status, seconds)
         self._started: dict[str, float] = {}
         self._pending = ""
@@ -89,8 +92,48 @@ class QuietConsole:
             task, status = match.group(1), match.group(2)
             seconds = time.perf_counter() - self._started.pop(task, time.perf_counter())
             self.tasks.append((task, status, seconds))
-            self._say(f"  {task:<28} {status.lower():<8} {seconds:6.1f} s")
+            figure = self._key_figure(task) if status == "SUCCESS" else ""
+            self._say(f"  {task:<28} {status.lower():<8} {seconds:6.1f} s" + (f"   {figure}" if figure else ""))
+
+    def _key_figure(self, task: str) -> str:
+        """The key figure of ``task``'s newest ``executor_output.json`` under the pipeline root ("" when none)."""
+        if self.pipeline_root is None:
+            return ""
+        outputs = sorted(self.pipeline_root.glob(f"*/{task}/executor_output.json"), key=lambda p: p.stat().st_mtime)
+        try:
+            return key_figure(json.loads(outputs[-1].read_text())) if outputs else ""
+        except (OSError, ValueError):
+            return ""  # a half-written or unreadable file costs the figure, never the run
 
     def _say(self, line: str) -> None:
         self.terminal.write(line + "\n")
         self.terminal.flush()
+
+
+def key_figure(executor_output: dict[str, Any]) -> str:
+    """One short phrase for a task's result: the figures a person checks first, from its outputs' metadata."""
+    metadata: dict[str, Any] = {}
+    for name, output in executor_output.get("artifacts", {}).items():
+        for artifact in output.get("artifacts", []):
+            if name in ("metrics", "model"):
+                metadata.update(artifact.get("metadata") or {})
+    parts = []
+    if metadata.get("arm"):  # which arm a training task belongs to (kfp names the second one "...-2")
+        parts.append(f"{metadata['arm']}:")
+    if "data/docs_kept" in metadata:
+        parts.append(f"{metadata['data/docs_kept']:,.0f} docs, {metadata.get('data/tokens_kept', 0):,.0f} tokens")
+    if metadata.get("final_eval_loss") is not None:
+        parts.append(f"held-out loss {metadata['final_eval_loss']:.3f}")
+    if metadata.get("final_recall_acc") is not None:
+        parts.append(f"recall {100 * metadata['final_recall_acc']:.1f}%")
+    scores = [f"{key[len('eval/'):]} {value:.1f}" for key, value in metadata.items()
+              if key.startswith("eval/") and isinstance(value, (int, float))]
+    parts.extend(scores[:3])
+    if not parts and metadata.get("train/steps") is not None:
+        parts.append(f"{metadata['train/steps']:.0f} steps")
+    output = executor_output.get("parameterValues", {}).get("Output")
+    if isinstance(output, str) and output.startswith("models:/"):
+        parts.append(output)
+    if parts[:1] and parts[0].endswith(":"):
+        return parts[0] + (" " + ", ".join(parts[1:]) if parts[1:] else "")
+    return ", ".join(parts)

@@ -145,7 +145,7 @@ def run_local(name: str, config_yaml: str, pipeline_root: Path, params: dict[str
             # Locally the images and the resource settings do not apply; kfp says so for every task.
             warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
             warnings.filterwarnings("ignore", message=".*have no effect.*", category=UserWarning)
-            with QuietConsole(log_path) if log_path is not None else contextlib.nullcontext():
+            with QuietConsole(log_path, pipeline_root=pipeline_root) if log_path else contextlib.nullcontext():
                 load_pipeline(name, placement)(config_yaml=config_yaml, **(params or {}))
     finally:
         if saved_tmpdir is None:

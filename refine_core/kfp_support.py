@@ -406,6 +406,29 @@ def flat_scores(summary: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+# What the report's less obvious rows mean, printed under the table when the row is there.
+METRIC_GLOSSARY = {
+    "midtrain/final_recall_acc": "top-1 accuracy (%) on held-out tokens that repeat a span seen earlier in the same "
+    "document and in no other (names, places); it is in-context recall where it beats the next row",
+    "midtrain/final_first_mention_acc": "the same spans at their first occurrence, where only the model's prior "
+    "helps (refine_core/training/recall_probe.py)",
+}
+
+
+def midtrain_scores(metadata: Mapping[str, Any], when: str) -> dict[str, float]:
+    """A mid-trained ``Model`` artifact's held-out figures for the comparison report, ``when`` = ``"initial"``
+    (the start model) or ``"final"``: ``midtrain/final_eval_loss``, and the recall probe's
+    ``midtrain/final_recall_acc`` and ``midtrain/final_first_mention_acc`` (×100, like the evaluation scores).
+    Missing figures are left out."""
+    scores = {}
+    if metadata.get(f"{when}_eval_loss") is not None:
+        scores["midtrain/final_eval_loss"] = float(metadata[f"{when}_eval_loss"])
+    for key in ("recall_acc", "first_mention_acc"):
+        if metadata.get(f"{when}_{key}") is not None:
+            scores[f"midtrain/final_{key}"] = 100.0 * float(metadata[f"{when}_{key}"])
+    return scores
+
+
 def compare_report(arms: Mapping[str, Mapping[str, float | None]], baseline: str,
                    title: str = "REFINE vs the NTP baseline", caveat: str = "") -> tuple[str, str, dict[str, float]]:
     """The arms' numbers side by side, with each arm's difference to ``baseline``.
@@ -442,6 +465,9 @@ def compare_report(arms: Mapping[str, Mapping[str, float | None]], baseline: str
     note = f"{caveat} {note}" if caveat else note
     md = [f"# {title}", "", note, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(row) + " |" for row in rows]
+    glossary = [f"{name}: {text}" for name, text in METRIC_GLOSSARY.items() if any(row[0] == name for row in rows)]
+    if glossary:
+        md += ["", *(f"- {line}" for line in glossary)]
     cells = "".join(
         "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows
     )
@@ -451,7 +477,9 @@ def compare_report(arms: Mapping[str, Mapping[str, float | None]], baseline: str
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>"
         f"</head><body><h1>{html.escape(title)}</h1><p>{html.escape(note)}</p><table><tr>"
         + "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        + f"</tr>{cells}</table></body></html>\n"
+        + f"</tr>{cells}</table>"
+        + ("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in glossary) + "</ul>" if glossary else "")
+        + "</body></html>\n"
     )
     return "\n".join(md) + "\n", page, deltas
 
@@ -490,8 +518,14 @@ def export_training(
     # the held-out loss before the first step (a fresh run logs it at step 0): the starting model's, for the
     # comparison of trained arms against what they started from
     initial = next((h["eval/loss"] for h in result.history if h.get("step") == 0.0 and "eval/loss" in h), None)
+    # the recall probe (refine_core.training.recall_probe) before the first step and at the last evaluation
+    recall = [h for h in result.history if "eval/recall_acc" in h]
+    probe = {}
+    for key in ("recall_acc", "first_mention_acc"):
+        probe[f"initial_{key}"] = next((h[f"eval/{key}"] for h in recall if h.get("step") == 0.0), None)
+        probe[f"final_{key}"] = recall[-1][f"eval/{key}"] if recall and recall[-1].get("step") != 0.0 else None
     return artifact_metadata(tracker, ctx, stage, steps=result.steps, final_eval_loss=result.final_eval_loss,
-                             initial_eval_loss=initial, **metadata)
+                             initial_eval_loss=initial, **probe, **metadata)
 
 
 def export_evaluation(

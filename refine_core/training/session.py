@@ -45,6 +45,7 @@ from refine_core.training.checkpoint import CheckpointManager, step_dir_name, wr
 from refine_core.training.divergence import DivergenceGuard, TrainingDiverged
 from refine_core.training.losses import count_targets, lm_loss_sum, ntp_targets
 from refine_core.training.optim import OptimSettings, build_optimizer, build_scheduler
+from refine_core.training.recall_probe import recall_hits, recall_positions
 from refine_core.training.result import TrainResult, export_result
 from refine_core.training.run_identity import check_resume, claim_stage_dir, run_identity
 from refine_core.training.setup import (
@@ -92,6 +93,8 @@ class TrainingSession:
     identity: dict[str, str] = field(default_factory=dict)
     # When this process's training loop started (time.monotonic()), for :meth:`eta`.
     loop_start: float | None = None
+    # Per held-out document, the (first, repeat) targets of the recall probe (found at the first evaluation).
+    recall_positions: list[list[tuple[int, int]]] | None = None
 
     @classmethod
     def open(
@@ -297,10 +300,11 @@ class TrainingSession:
         """The held-out loss before the first step of a fresh run: the reference point for "the loss falls"."""
         if self.start_step or not getattr(self.settings, "eval_every", 0):
             return None
-        loss = self.eval_loss()
+        metrics = self.eval_metrics()
+        loss = metrics.get("eval/loss")
         if loss is not None:
-            self.tracker.log_metrics({"eval/loss": loss}, step=0)
-            history.append({"step": 0.0, "eval/loss": loss})
+            self.tracker.log_metrics(metrics, step=0)
+            history.append({"step": 0.0, **metrics})
             logger.info("step 0/%d | eval %.4f", self.settings.steps, loss)
         return loss
 
@@ -335,36 +339,55 @@ class TrainingSession:
         metrics["train/skipped_steps_total"] = float(guard.skipped_total)
         every = getattr(settings, "eval_every", 0)
         if (every and step % every == 0) or step == settings.steps:
-            loss = self.eval_loss()
-            if loss is not None:
-                metrics["eval/loss"] = loss
+            metrics.update(self.eval_metrics())
         history.append({"step": float(step), **metrics})
         self.tracker.log_metrics(metrics, step=step)
         if settings.save_every and step % settings.save_every == 0 and step < settings.steps:
             self.save(step)
 
     @torch.no_grad()
-    def eval_loss(self) -> float | None:
-        """Token-mean NTP loss over up to ``eval_max_docs`` held-out documents (pads never count).
+    def eval_metrics(self) -> dict[str, float]:
+        """Held-out loss and in-context recall over up to ``eval_max_docs`` documents, in one pass.
+
+        ``eval/loss``: token-mean NTP loss (pads never count). ``eval/recall_acc``: top-1 accuracy at the targets
+        that repeat a document-specific span of the same document, and ``eval/first_mention_acc`` at the same spans'
+        first occurrences (:mod:`refine_core.training.recall_probe`); absent when the documents have none. Empty
+        when there is no held-out set.
 
         Data-parallel: rank ``r`` evaluates batches ``r, r + W, ...`` and the sums are added over ranks.
         """
         if len(self.eval_set) == 0 or not self.settings.eval_max_docs:
-            return None
+            return {}
+        if self.recall_positions is None:  # the same documents every time: found once per session
+            docs = [self.eval_set[i] for i in range(min(self.settings.eval_max_docs, len(self.eval_set)))]
+            self.recall_positions = recall_positions([d.tolist() if hasattr(d, "tolist") else list(d) for d in docs])
         was_training = self.model.training
         self.model.eval()
-        total, count = 0.0, 0
+        total, count, correct, first_correct, scored = 0.0, 0, 0, 0, 0
         for index, batch in enumerate(iter_eval_batches(
             self.eval_set, self.settings.micro_batch_size, self.tokenizer.pad_token_id, self.settings.eval_max_docs
         )):
             if index % self.sync.world_size != self.sync.rank:
                 continue  # another rank evaluates this batch
+            ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
             with self.autocast():
-                loss_sum, n = micro_batch_loss(
-                    self.model, batch.input_ids.to(self.device), batch.attention_mask.to(self.device), mask_pad=True
-                )
+                hidden = self.model(ids, attention_mask=mask, return_logits=False).hidden_states
+                labels = ntp_targets(ids, mask, mask_pad=True)
+                loss_sum = lm_loss_sum(hidden[:, :-1], self.model.lm_head.weight, labels)
+                pairs = [self.recall_positions[i] for i in batch.doc_indices]
+                hits, n_scored = recall_hits(hidden, self.model.lm_head.weight, ids, mask,
+                                             [[repeat for _, repeat in doc] for doc in pairs])
+                first_hits, _ = recall_hits(hidden, self.model.lm_head.weight, ids, mask,
+                                            [[first for first, _ in doc] for doc in pairs])
             total += float(loss_sum)
-            count += n
-        total, count = self.sync.total(total, count)
+            count += count_targets(labels)
+            correct += hits
+            first_correct += first_hits
+            scored += n_scored
+        total, count, correct, first_correct, scored = self.sync.total(total, count, correct, first_correct, scored)
         self.model.train(was_training)
-        return total / max(count, 1)
+        metrics = {"eval/loss": total / max(count, 1)}
+        if scored:
+            metrics["eval/recall_acc"] = correct / scored
+            metrics["eval/first_mention_acc"] = first_correct / scored
+        return metrics

@@ -181,6 +181,11 @@ def test_compare_report_puts_both_arms_side_by_side(tmp_path: Path, mlflow_clien
     start = arms["ntp-baseline"]["model"].metadata["initial_eval_loss"]
     assert start > arms["ntp-baseline"]["model"].metadata["final_eval_loss"]
     assert "eval/ruler_squadqa" in markdown and "midtrain/final_eval_loss" in markdown
+    # the recall probe, ×100 like the scores, for the start model and both arms
+    recall_row = next(line for line in markdown.splitlines() if line.startswith("| midtrain/final_recall_acc |"))
+    start_recall = 100 * arms["ntp-baseline"]["model"].metadata["initial_recall_acc"]
+    assert recall_row.split(" | ")[1] == f"{start_recall:.4g}"
+    assert "midtrain/final_first_mention_acc" in markdown
     assert "<table>" in Path(out["html_report"].path).read_text()
     loss = {arm: arms[arm]["model"].metadata["final_eval_loss"] for arm in arms}
     delta = out["metrics"].metadata["compare/refine_minus_ntp-baseline/midtrain/final_eval_loss"]

@@ -74,6 +74,11 @@ def test_compare_report_differences_and_missing_cells() -> None:
     assert page.startswith("<!doctype html>") and "<td>12.5</td>" in page
     with pytest.raises(ValueError, match="baseline"):
         ks.compare_report({"a": {}}, baseline="b")
+    assert "recall" not in markdown  # the glossary explains only rows that are there
+    probe = {"base": {**ks.midtrain_scores({"final_eval_loss": 2.0, "final_recall_acc": 0.25}, "final")}}
+    assert probe["base"] == {"midtrain/final_eval_loss": 2.0, "midtrain/final_recall_acc": 25.0}
+    markdown, page, _ = ks.compare_report(probe, baseline="base")
+    assert "- midtrain/final_recall_acc: top-1 accuracy" in markdown and "<li>midtrain/final_recall_acc" in page
 
 
 def test_flat_scores_and_reports() -> None:

@@ -55,6 +55,11 @@ def test_loss_falls_and_the_model_is_exported(tmp_path, prepared):
     assert len(evals) == 5  # steps 0, 3, 6, 9, 12
     assert evals[-1] < evals[0] - 0.5
     assert result.final_eval_loss == evals[-1]
+    # the recall probe rides on the same held-out pass: accuracies, paired (same spans, first and repeated)
+    probes = [h for h in result.history if "eval/recall_acc" in h]
+    assert [h["step"] for h in probes] == [0.0, 3.0, 6.0, 9.0, 12.0]
+    assert all(0.0 <= h[k] <= 1.0 for h in probes for k in ("eval/recall_acc", "eval/first_mention_acc"))
+    assert probes[-1]["eval/recall_acc"] > probes[0]["eval/recall_acc"]  # the trained model predicts more of them
     assert (result.model_dir / "config.json").is_file() and (result.model_dir / "model.safetensors").is_file()
     assert all(math.isfinite(h["ntp/loss"]) for h in result.history if "ntp/loss" in h)
 
