@@ -46,6 +46,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# The experiment tag MLflow 3's UI reads to pick the view it opens an experiment in (its JS names the kinds
+# genai_development and custom_model_development); ours are model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
 DEFAULT_TRACKING_DIR = "mlruns"
 DEFAULT_DB_NAME = "mlflow.db"
 CONFIG_ARTIFACT = "config.yaml"
@@ -257,11 +262,18 @@ class MlflowTracker(_ContextMixin):
                 folder = re.sub(r"[^\w.-]+", "_", name)
                 location = (db_path.parent.resolve() / "artifacts" / folder).as_uri()
             try:
-                return self.client.create_experiment(name, artifact_location=location)
+                # MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, prompts); tagged,
+                # it opens on the runs, charts and models of model training.
+                return self.client.create_experiment(
+                    name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+                )
             except MlflowException:  # another process created it between our lookup and create
                 existing = self.client.get_experiment_by_name(name)
                 if existing is None:
                     raise
+        if existing.lifecycle_stage == "active" and EXPERIMENT_KIND_TAG not in existing.tags:
+            # made by an older version of this code or by hand: tag it once, so that the UI opens on the runs
+            self.client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         if existing.lifecycle_stage != "active":
             raise ValueError(
                 f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore --experiment-id "

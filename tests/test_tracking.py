@@ -178,3 +178,17 @@ def test_null_tracker_and_backend_none() -> None:
 def test_non_zero_rank_gets_null_tracker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANK", "1")
     assert isinstance(make_tracker(cfg_for("rank1"), "train-ntp"), NullTracker)
+
+
+def test_experiments_open_in_the_model_training_view(client) -> None:
+    """MLflow 3's UI opens an experiment by its ``mlflow.experimentKind`` tag: ours are tagged for model training when
+    created, and an existing untagged one (an older run of this code, or made by hand) is tagged on first use."""
+    from refine_core.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+
+    with make_tracker(load_config(None, ["name=kind", "tracking.experiment=fresh-kind"]), "train-ntp"):
+        pass
+    assert client.get_experiment_by_name("fresh-kind").tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+    client.create_experiment("untagged-kind")
+    with make_tracker(load_config(None, ["name=kind", "tracking.experiment=untagged-kind"]), "train-ntp"):
+        pass
+    assert client.get_experiment_by_name("untagged-kind").tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND

@@ -7,8 +7,9 @@ The pipeline run is the package fixture that ``test_pipeline_against_servers.py`
 Skips with the reason when Chromium or the ``playwright`` package is missing (``.ci/browser-deps.sh`` installs
 Chromium; Playwright's own browser download does not work on these machines, so we launch Debian's binary).
 
-MLflow 3.17's UI opens experiments in its "GenAI" view; ``?workflowType=machine_learning`` (the "Model training"
-switch at the top left) shows the runs table, as a person would switch to.
+MLflow 3.17's UI opens an untagged experiment in its "GenAI" view; ours carry ``mlflow.experimentKind =
+custom_model_development`` (``refine_core.tracking``), so the pages below open on the runs table with plain URLs,
+as a person following a link would see them.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def ids(pipeline_run: PipelineRun, tracking_client) -> dict:
 
 
 def _runs_page(page, server: str, experiment_id: str) -> None:
-    page.goto(f"{server}/#/experiments/{experiment_id}/runs?workflowType=machine_learning", wait_until="load")
+    # no ?workflowType=machine_learning: the experiment's mlflow.experimentKind tag opens the model-training view
+    page.goto(f"{server}/#/experiments/{experiment_id}/runs", wait_until="load")
     page.get_by_role("link", name=f"{RUN_NAME}-pipeline", exact=True).wait_for()
 
 
@@ -157,8 +159,7 @@ def test_a_stage_run_page_shows_its_metrics(browser, ids, tmp_path: Path) -> Non
 def _open_artifact(page, server: str, ids: dict, run, path: str) -> None:
     """Open the run's Artifacts tab and click through the folders to the file ``path``, as a person would; the UI
     fetches the file through the server's artifact proxy (``/get-artifact``), which must answer 200."""
-    page.goto(f"{server}/#/experiments/{ids['experiment']}/runs/{run.info.run_id}/artifacts"
-              "?workflowType=machine_learning", wait_until="load")
+    page.goto(f"{server}/#/experiments/{ids['experiment']}/runs/{run.info.run_id}/artifacts", wait_until="load")
     *folders, name = path.split("/")
     for folder in folders:
         page.get_by_text(folder, exact=True).first.click()
