@@ -470,6 +470,10 @@ class TrackingConfig:
     # Also copy every checkpoint (weights + optimizer state) into MLflow's artifacts. Off by default: a real run would
     # upload gigabytes per save; the final model is always logged (an MLflow Model, refine_core.serving).
     log_checkpoints: bool = False
+    # CPU, memory, disk, network and (with nvidia-ml-py) GPU utilisation and memory as ``system/...`` metrics of every
+    # stage run, sampled every ``system_metrics_interval_s`` by MLflow's monitor; needs the ``system-metrics`` extra.
+    system_metrics: bool = False
+    system_metrics_interval_s: float = 10.0
     tags: dict[str, str] = field(default_factory=dict)
     # A failing or unreachable server never takes a stage down: with ``offline`` the run goes on and its tracking is
     # journaled under ``{output_dir}/tracking-offline/`` (upload: ``refine tracking sync JOURNAL``); ``false``
@@ -482,6 +486,8 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         if self.backend not in ("mlflow", "none"):
             raise ConfigError(f"tracking.backend={self.backend!r}; use 'mlflow' or 'none'.")
+        if self.system_metrics_interval_s <= 0:
+            raise ConfigError(f"tracking.system_metrics_interval_s={self.system_metrics_interval_s} must be > 0.")
 
 
 @dataclass

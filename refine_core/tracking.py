@@ -201,6 +201,7 @@ class MlflowTracker(_ContextMixin):
         tags: Mapping[str, Any] | None = None,
         parent_run_id: str | None = None,
         run_id: str | None = None,
+        system_metrics_interval_s: float | None = None,
     ) -> None:
         mlflow = _import_mlflow()
         from mlflow.entities import RunStatus
@@ -250,6 +251,22 @@ class MlflowTracker(_ContextMixin):
         self._run_id = run.info.run_id
         self._known_params = {}
         logger.info("MLflow: run %s in experiment %s (%s)", self._run_id, self.experiment_id, self.tracking_uri)
+        self._start_system_metrics(system_metrics_interval_s)
+
+    def _start_system_metrics(self, interval_s: float | None) -> None:
+        """MLflow's own monitor thread (``system/...`` metrics of this run) until :meth:`close`."""
+        self._system_metrics = None
+        if interval_s is None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # a rank's node in a multi-node job keeps its own series (system/<node>/...)
+        node = os.environ.get("GROUP_RANK") or os.environ.get("NODE_RANK")
+        self._system_metrics = SystemMetricsMonitor(
+            self._run_id, sampling_interval=interval_s, tracking_uri=self.tracking_uri,
+            node_id=f"node{node}" if node else None,
+        )
+        self._system_metrics.start()
 
     def _get_or_create_experiment(self, name: str, db_path: Path | None) -> str:
         """Experiment id for ``name``, creating it (artifacts next to a local sqlite db) when missing."""
@@ -377,6 +394,8 @@ class MlflowTracker(_ContextMixin):
         if self._closed:
             return
         self._closed = True
+        if getattr(self, "_system_metrics", None) is not None:
+            self._system_metrics.finish()  # its last sample is logged before the run ends
         self.client.set_terminated(self._run_id, status=status)
         logger.info("MLflow: run %s %s", self._run_id, status)
 
@@ -446,6 +465,8 @@ def make_tracker(
     if experiment == TrackingConfig().experiment and os.environ.get("MLFLOW_EXPERIMENT_NAME"):
         experiment = None  # let the environment choose
     bounded_http(cfg.tracking.request_timeout_s, cfg.tracking.max_retries)
+    tracking = cfg.tracking
+    system_metrics = check_system_metrics(tracking.system_metrics_interval_s) if tracking.system_metrics else None
     run_name = f"{cfg.name}-{stage}"
     header = {
         "experiment": experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or cfg.tracking.experiment,
@@ -462,9 +483,25 @@ def make_tracker(
             tags=tags,
             parent_run_id=parent_run_id,
             run_id=run_id,
+            system_metrics_interval_s=system_metrics,
         )
 
     return ResilientTracker(open_real, journal, header, offline=cfg.tracking.offline)
+
+
+def check_system_metrics(interval_s: float) -> float:
+    """``interval_s`` when MLflow's system-metrics monitor can run here; a missing package is a config error (one
+    line naming the fix), checked before the run opens so that it is never mistaken for a server outage."""
+    import importlib.util
+
+    if importlib.util.find_spec("psutil") is None:
+        raise ValueError(
+            "tracking.system_metrics=true needs psutil (and nvidia-ml-py for the GPU figures): "
+            "pip install 'refine-core[system-metrics]', or set tracking.system_metrics=false."
+        )
+    if importlib.util.find_spec("pynvml") is None:
+        logger.info("tracking.system_metrics: no nvidia-ml-py here, so no GPU figures (CPU, memory, disk, network)")
+    return interval_s
 
 
 # ------------------------------------------------------------------ when the tracking server fails

@@ -192,3 +192,47 @@ def test_experiments_open_in_the_model_training_view(client) -> None:
     with make_tracker(load_config(None, ["name=kind", "tracking.experiment=untagged-kind"]), "train-ntp"):
         pass
     assert client.get_experiment_by_name("untagged-kind").tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+
+
+def test_system_metrics_monitor_runs_for_the_life_of_the_run(client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tracking.system_metrics``: MLflow's monitor starts on the stage run and stops (last sample logged) before
+    the run ends. MLflow's monitor needs psutil, which the dev environment lacks, so a stand-in records the calls."""
+    import importlib.util
+    import sys
+
+    events: list[tuple] = []
+
+    class Monitor:
+        def __init__(self, run_id, sampling_interval, tracking_uri, node_id):
+            events.append(("new", run_id, sampling_interval, node_id))
+
+        def start(self):
+            events.append(("start",))
+
+        def finish(self):
+            events.append(("finish", client.get_run(run_id).info.status))  # the run is still open
+
+    stand_in = type(sys)("mlflow.system_metrics.system_metrics_monitor")
+    stand_in.SystemMetricsMonitor = Monitor
+    monkeypatch.setitem(sys.modules, "mlflow.system_metrics.system_metrics_monitor", stand_in)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "psutil" else find_spec(name, *a))
+    monkeypatch.setenv("NODE_RANK", "1")
+    with make_tracker(cfg_for("sysm", "tracking.system_metrics=true", "tracking.system_metrics_interval_s=2"),
+                      "train-ntp") as tracker:
+        run_id = tracker.run_id
+    assert events == [("new", run_id, 2.0, "node1"), ("start",), ("finish", "RUNNING")]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_system_metrics_without_psutil_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "psutil" else find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"psutil.*refine-core\[system-metrics\]"):
+        make_tracker(cfg_for("sysm", "tracking.system_metrics=true"), "train-ntp")
+    with pytest.raises(ValueError, match="system_metrics_interval_s"):
+        cfg_for("sysm", "tracking.system_metrics_interval_s=0")
