@@ -17,13 +17,15 @@ MLflow layout of one pipeline run::
 Artifacts carry the MLflow run ids in their metadata (``mlflow_run_id``, ``mlflow_parent_run_id``), so a person
 looking at a KFP artifact finds its MLflow run, and the registry step can point the model version at the run that
 logged the model.
+
+The arms' comparison (``compare_report`` and its helpers) lives in :mod:`refine_core.evaluation.comparison`, a pure
+function of numbers; it is imported here so that the ``compare-report`` component reaches everything through ``ks``.
 """
 
 from __future__ import annotations
 
 import atexit
 import hashlib
-import html
 import json
 import logging
 import math
@@ -39,6 +41,7 @@ import yaml
 
 from refine_core import runtime
 from refine_core.config import RunConfig, from_dict, parse_overrides, to_dict
+from refine_core.evaluation.comparison import METRIC_GLOSSARY, compare_report, flat_scores, midtrain_scores  # noqa: F401
 from refine_core.evaluation.report import inline_png, training_curves
 from refine_core.tracking import NullTracker, Tracker, make_tracker, redact, resolve_tracking_uri
 
@@ -397,91 +400,6 @@ def smoke_test_caveat(cfg: RunConfig) -> str:
                 f"{cfg.data.max_tokens}-token generated documents), not the paper's result; configs/"
                 "delta_net-1.3b-16k.yaml is the paper's scale.")
     return ""
-
-
-def flat_scores(summary: Mapping[str, Any]) -> dict[str, float]:
-    """Task scores and averages (×100) of an evaluation summary as ``eval/<task>`` / ``eval/avg/<name>``."""
-    out = {f"eval/{task}": float(v) for task, v in summary.get("scores", {}).items()}
-    out.update({f"eval/avg/{name}": float(v) for name, v in summary.get("averages", {}).items()})
-    return out
-
-
-# What the report's less obvious rows mean, printed under the table when the row is there.
-METRIC_GLOSSARY = {
-    "midtrain/final_recall_acc": "top-1 accuracy (%) on held-out tokens that repeat a span seen earlier in the same "
-    "document and in no other (names, places); it is in-context recall where it beats the next row",
-    "midtrain/final_first_mention_acc": "the same spans at their first occurrence, where only the model's prior "
-    "helps (refine_core/training/recall_probe.py)",
-}
-
-
-def midtrain_scores(metadata: Mapping[str, Any], when: str) -> dict[str, float]:
-    """A mid-trained ``Model`` artifact's held-out figures for the comparison report, ``when`` = ``"initial"``
-    (the start model) or ``"final"``: ``midtrain/final_eval_loss``, and the recall probe's
-    ``midtrain/final_recall_acc`` and ``midtrain/final_first_mention_acc`` (×100, like the evaluation scores).
-    Missing figures are left out."""
-    scores = {}
-    if metadata.get(f"{when}_eval_loss") is not None:
-        scores["midtrain/final_eval_loss"] = float(metadata[f"{when}_eval_loss"])
-    for key in ("recall_acc", "first_mention_acc"):
-        if metadata.get(f"{when}_{key}") is not None:
-            scores[f"midtrain/final_{key}"] = 100.0 * float(metadata[f"{when}_{key}"])
-    return scores
-
-
-def compare_report(arms: Mapping[str, Mapping[str, float | None]], baseline: str,
-                   title: str = "REFINE vs the NTP baseline", caveat: str = "") -> tuple[str, str, dict[str, float]]:
-    """The arms' numbers side by side, with each arm's difference to ``baseline``.
-
-    Args:
-        arms: label -> flat metrics (``eval/<task>`` scores ×100 from :func:`flat_scores`, held-out losses, ...),
-            in column order.
-        baseline: the label the differences are taken against.
-        title: the report's heading.
-        caveat: a sentence put first (e.g. that a tiny run is a smoke test, not the paper's result).
-
-    Returns:
-        ``(markdown, html, deltas)``; ``deltas`` maps ``compare/<arm>_minus_<baseline>/<metric>`` to a number.
-    """
-    if baseline not in arms:
-        raise ValueError(f"baseline {baseline!r} is not one of the arms {list(arms)}")
-    labels = list(arms)
-    others = [label for label in labels if label != baseline]
-    header = ["metric", *labels, *(f"Δ {other}" for other in others)]
-    rows: list[list[str]] = []
-    deltas: dict[str, float] = {}
-    for name in sorted({name for metrics in arms.values() for name in metrics}):
-        values = [arms[label].get(name) for label in labels]
-        base = arms[baseline].get(name)
-        diffs = []
-        for other in others:
-            value = arms[other].get(name)
-            diff = None if value is None or base is None else value - base
-            if diff is not None:
-                deltas[f"compare/{other}_minus_{baseline}/{name}"] = diff
-            diffs.append(diff)
-        rows.append([name, *(_fmt(v) for v in values), *(_fmt(d) for d in diffs)])
-    note = f"Evaluation scores are ×100 (higher is better), losses lower is better; Δ = arm − {baseline}."
-    note = f"{caveat} {note}" if caveat else note
-    md = [f"# {title}", "", note, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(row) + " |" for row in rows]
-    glossary = [f"{name}: {text}" for name, text in METRIC_GLOSSARY.items() if any(row[0] == name for row in rows)]
-    if glossary:
-        md += ["", *(f"- {line}" for line in glossary)]
-    cells = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows
-    )
-    page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>"
-        f"</head><body><h1>{html.escape(title)}</h1><p>{html.escape(note)}</p><table><tr>"
-        + "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        + f"</tr>{cells}</table>"
-        + ("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in glossary) + "</ul>" if glossary else "")
-        + "</body></html>\n"
-    )
-    return "\n".join(md) + "\n", page, deltas
 
 
 def data_report(counts: Mapping[str, int], stats: Mapping[str, Any], fingerprint: str, prepared_dir: str) -> str:
