@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 from refine_core import runtime
 from refine_core.config import RunConfig, TrackingConfig, flatten, to_dict
 from refine_core.redaction import redact
+from refine_core.system_metrics import check_system_metrics, start_monitor
 from refine_core.tracking_offline import (
     SYNCED_SUFFIX,
     OfflineJournal,
@@ -251,22 +252,10 @@ class MlflowTracker(_ContextMixin):
         self._run_id = run.info.run_id
         self._known_params = {}
         logger.info("MLflow: run %s in experiment %s (%s)", self._run_id, self.experiment_id, self.tracking_uri)
-        self._start_system_metrics(system_metrics_interval_s)
-
-    def _start_system_metrics(self, interval_s: float | None) -> None:
-        """MLflow's own monitor thread (``system/...`` metrics of this run) until :meth:`close`."""
+        # MLflow's own monitor thread (system/... metrics of this run) until close()
         self._system_metrics = None
-        if interval_s is None:
-            return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        # a rank's node in a multi-node job keeps its own series (system/<node>/...)
-        node = os.environ.get("GROUP_RANK") or os.environ.get("NODE_RANK")
-        self._system_metrics = SystemMetricsMonitor(
-            self._run_id, sampling_interval=interval_s, tracking_uri=self.tracking_uri,
-            node_id=f"node{node}" if node else None,
-        )
-        self._system_metrics.start()
+        if system_metrics_interval_s is not None:
+            self._system_metrics = start_monitor(self._run_id, system_metrics_interval_s, self.tracking_uri)
 
     def _get_or_create_experiment(self, name: str, db_path: Path | None) -> str:
         """Experiment id for ``name``, creating it (artifacts next to a local sqlite db) when missing."""
@@ -487,21 +476,6 @@ def make_tracker(
         )
 
     return ResilientTracker(open_real, journal, header, offline=cfg.tracking.offline)
-
-
-def check_system_metrics(interval_s: float) -> float:
-    """``interval_s`` when MLflow's system-metrics monitor can run here; a missing package is a config error (one
-    line naming the fix), checked before the run opens so that it is never mistaken for a server outage."""
-    import importlib.util
-
-    if importlib.util.find_spec("psutil") is None:
-        raise ValueError(
-            "tracking.system_metrics=true needs psutil (and nvidia-ml-py for the GPU figures): "
-            "pip install 'refine-core[system-metrics]', or set tracking.system_metrics=false."
-        )
-    if importlib.util.find_spec("pynvml") is None:
-        logger.info("tracking.system_metrics: no nvidia-ml-py here, so no GPU figures (CPU, memory, disk, network)")
-    return interval_s
 
 
 # ------------------------------------------------------------------ when the tracking server fails
