@@ -62,12 +62,17 @@ def test_triton_cache_parts_round_trip(tmp_path):
     kernel = tmp_path / "slot1" / "triton" / "abc123"
     kernel.mkdir(parents=True)
     (kernel / "kernel.cubin").write_bytes(bytes(range(256)) * 64)
+    for name in ("kernel.json", "__grp__kernel.json", "kernel.autotune.json", "kernel.ptx", "kernel.llir"):
+        (kernel / name).write_text("{}")
     out = tmp_path / "out"
     out.mkdir()
     pack_cache(tmp_path / "slot1", out, part_mib=1)
     (tmp_path / "slot2").mkdir()  # run() makes the state folder before unpacking
     unpack_cache(tmp_path / "slot2", out)
     assert (tmp_path / "slot2" / "triton" / "abc123" / "kernel.cubin").read_bytes() == bytes(range(256)) * 64
+    # what a cache hit reads travels; the intermediate IRs stay behind
+    kept = {p.name for p in (tmp_path / "slot2" / "triton" / "abc123").iterdir()}
+    assert kept == {"kernel.cubin", "kernel.json", "__grp__kernel.json", "kernel.autotune.json"}
 
 
 def test_the_tests_part_is_done_only_when_every_gpu_test_file_has_a_record(tmp_path):
