@@ -34,8 +34,9 @@ test: setup
 	$(PY) -m pytest -q
 
 # Resolve .[dev] from scratch in a throwaway venv, in setup's order (torch first), and freeze it into
-# $(CONSTRAINTS); then `make setup` (a changed constraints file rebuilds nothing by itself: rm -rf .venv first
-# to reinstall). tests/test_packaging.py fails when pyproject.toml asks for something the file does not satisfy.
+# $(CONSTRAINTS). The next `make setup` moves .venv's packages to the new versions (packages no longer needed
+# stay: rm -rf .venv first for an exact copy). tests/test_packaging.py fails when pyproject.toml asks for
+# something the file does not satisfy.
 lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
