@@ -16,7 +16,9 @@ then); it needs ``uv`` (``pip install uv``) and, for the CPU image, the torch 2.
     .venv/bin/python images/lock.py                 # both images
     .venv/bin/python images/lock.py --target gpu
 
-The host's uv/pip configuration is ignored (``--no-config``), so the result is what PyPI serves.
+The host's uv/pip configuration is ignored (``--no-config``), so the result is what PyPI serves. Versions already
+in the image's lock files are kept where they still fit (uv's preferences; only what the change needs moves);
+``--upgrade`` resolves everything afresh at the newest versions.
 """
 
 from __future__ import annotations
@@ -50,9 +52,9 @@ class Target:
 
 
 TARGETS = {
-    "cpu": Target("cpu", "3.11", "x86_64-manylinux_2_36", ("kfp",), f"torch=={TORCH_VERSION}+cpu",
+    "cpu": Target("cpu", "3.11", "x86_64-manylinux_2_36", ("kfp", "datasets"), f"torch=={TORCH_VERSION}+cpu",
                   "Debian bookworm (python:3.11-slim-bookworm or the local base), CPython 3.11, x86_64"),
-    "gpu": Target("gpu", "3.12", "x86_64-manylinux_2_39", ("kfp", "gpu"), f"torch=={TORCH_VERSION}",
+    "gpu": Target("gpu", "3.12", "x86_64-manylinux_2_39", ("kfp", "gpu", "datasets"), f"torch=={TORCH_VERSION}",
                   "Ubuntu 24.04 (nvidia/cuda base), CPython 3.12, x86_64, torch's CUDA 13 build from PyPI"),
 }
 
@@ -76,12 +78,20 @@ def _blocks(text: str) -> dict[str, str]:
     return {name: "\n".join(lines) for name, lines in blocks.items()}  # type: ignore[arg-type]
 
 
-def compile_lock(uv: str, target: Target, inputs: list[str], wheel_dir: str | None) -> dict[str, str]:
-    """Run ``uv pip compile`` for ``target`` and return its blocks by package name."""
+def compile_lock(uv: str, target: Target, inputs: list[str], wheel_dir: str | None, upgrade: bool = False
+                 ) -> dict[str, str]:
+    """Run ``uv pip compile`` for ``target`` and return its blocks by package name.
+
+    Unless ``upgrade``, the output file starts as the image's current locks, which uv takes as preferences: pins
+    that still satisfy the inputs stay as they are.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         constraints = Path(tmp) / "constraints.txt"
         constraints.write_text(target.torch + "\n")
         out = Path(tmp) / "out.txt"
+        current = [ROOT / "images" / target.name / f for f in ("requirements-torch.txt", "requirements.txt")]
+        if not upgrade:
+            out.write_text("".join(f.read_text() for f in current if f.is_file()))
         cmd = [uv, "pip", "compile", *inputs, "-c", str(constraints), "--python-version", target.python,
                "--python-platform", target.platform, "--generate-hashes", "--no-header", "--annotation-style",
                "line", "--no-config", "--quiet", "-o", str(out)]
@@ -94,18 +104,18 @@ def compile_lock(uv: str, target: Target, inputs: list[str], wheel_dir: str | No
     return _blocks(text)
 
 
-def lock(uv: str, target: Target, wheel_dir: str | None) -> None:
+def lock(uv: str, target: Target, wheel_dir: str | None, upgrade: bool = False) -> None:
     """Resolve and write ``images/<target>/requirements-torch.txt`` and ``requirements.txt``."""
     if target.name == "cpu":
         if not wheel_dir or not list(Path(wheel_dir).glob(f"torch-{TORCH_VERSION}+cpu-cp311-*.whl")):
             raise SystemExit(f"the CPU lock needs torch-{TORCH_VERSION}+cpu-cp311-*.whl: pass --wheel-dir DIR")
     else:
         wheel_dir = None  # the GPU image takes torch's CUDA build from PyPI
-    everything = compile_lock(uv, target, ["pyproject.toml"], wheel_dir)
+    everything = compile_lock(uv, target, ["pyproject.toml"], wheel_dir, upgrade)
     with tempfile.NamedTemporaryFile("w", suffix=".in", delete=False) as f:
         f.write(target.torch + "\n")
     try:
-        torch_names = set(compile_lock(uv, target, [f.name], wheel_dir))
+        torch_names = set(compile_lock(uv, target, [f.name], wheel_dir, upgrade))
     finally:
         os.unlink(f.name)
     if not torch_names <= everything.keys():
@@ -131,11 +141,13 @@ def main() -> None:
     parser.add_argument("--wheel-dir", default=DEFAULT_WHEEL_DIR,
                         help="folder holding torch-2.13.0+cpu-cp311-*.whl (default: %(default)s)")
     parser.add_argument("--uv", default=shutil.which("uv"), help="the uv binary (default: uv on PATH)")
+    parser.add_argument("--upgrade", action="store_true",
+                        help="resolve every package afresh (default: keep the current locks' versions where they fit)")
     args = parser.parse_args()
     if not args.uv:
         raise SystemExit("uv not found: pip install uv (or pass --uv PATH)")
     for name in TARGETS if args.target == "all" else [args.target]:
-        lock(args.uv, TARGETS[name], args.wheel_dir)
+        lock(args.uv, TARGETS[name], args.wheel_dir, args.upgrade)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from pipelines import PIPELINES, load_pipeline
 from pipelines._console import QuietConsole
 from pipelines._k8s import TrainPlacement
 from refine_core.config import ConfigError, RunConfig, load_config, parse_overrides, to_dict
-from refine_core.tracking import default_tracking_uri, redact
+from refine_core.tracking import check_store_support, default_tracking_uri, redact
 
 logger = logging.getLogger(__name__)
 
@@ -436,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # that it does not depend on a task's working directory.
     tracking_uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     if cfg.tracking.backend == "mlflow":
+        check_store_support(tracking_uri)  # before any task runs: the embedded store needs full MLflow
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     pipeline_root = (args.pipeline_root or Path(cfg.output_dir) / "kfp").resolve()
     since_ms = int(time.time() * 1000) - 1000

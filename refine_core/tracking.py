@@ -141,12 +141,40 @@ class NullTracker(_ContextMixin):
 def _import_mlflow() -> Any:
     try:
         import mlflow
-    except ImportError as exc:  # pragma: no cover - mlflow is a core dependency; this guards slim images
+    except ImportError as exc:  # pragma: no cover - mlflow-skinny is a core dependency; this guards odd installs
         raise ImportError(
-            "tracking.backend=mlflow needs the mlflow package: `pip install mlflow==3.17.2` (or mlflow-skinny==3.17.2 "
-            "in component images), or set tracking.backend=none."
+            "tracking.backend=mlflow needs the MLflow client: `pip install mlflow-skinny==3.17.2` (a tracking "
+            "server) or `pip install 'refine-core[mlflow]'` (also the embedded sqlite store), or set "
+            "tracking.backend=none."
         ) from exc
     return mlflow
+
+
+# Stores that MLflow opens through SQLAlchemy (the embedded sqlite store among them). They need full MLflow (the
+# `mlflow` extra: SQLAlchemy, alembic); mlflow-skinny, the core dependency and all the images carry, only talks to
+# a tracking server, and would fail later with a less helpful error.
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def check_store_support(uri: str) -> str:
+    """``uri``, once it is clear that this installation can open it.
+
+    Raises:
+        ImportError: ``uri`` is a database store (``sqlite:///...``, ``postgresql://...``) and SQLAlchemy or alembic
+            is missing (mlflow-skinny without the ``mlflow`` extra).
+    """
+    import importlib.util
+
+    scheme = uri.partition(":")[0].partition("+")[0].lower()
+    if scheme in _DATABASE_SCHEMES:
+        missing = [m for m in ("sqlalchemy", "alembic") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ImportError(
+                f"the MLflow store {uri} is a database, which needs full MLflow ({' and '.join(missing)} not "
+                "installed): `pip install 'refine-core[mlflow]'` (mlflow==3.17.2), or point MLFLOW_TRACKING_URI "
+                "(or tracking.tracking_uri) at a tracking server (http://...), or set tracking.backend=none."
+            )
+    return uri
 
 
 def default_tracking_uri() -> str:
@@ -155,8 +183,12 @@ def default_tracking_uri() -> str:
 
 
 def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """``tracking_uri`` if given, else ``$MLFLOW_TRACKING_URI``, else :func:`default_tracking_uri`."""
-    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    """``tracking_uri`` if given, else ``$MLFLOW_TRACKING_URI``, else :func:`default_tracking_uri`.
+
+    Raises:
+        ImportError: the store needs full MLflow and only mlflow-skinny is installed (:func:`check_store_support`).
+    """
+    return check_store_support(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri())
 
 
 def _local_sqlite_path(uri: str) -> Path | None:

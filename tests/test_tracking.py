@@ -13,7 +13,7 @@ import pytest
 
 from refine_core.config import RunConfig, load_config
 from refine_core.redaction import REDACTED, is_secret_key, redact
-from refine_core.tracking import CONFIG_ARTIFACT, NullTracker, Tracker, make_tracker
+from refine_core.tracking import CONFIG_ARTIFACT, NullTracker, Tracker, check_store_support, make_tracker
 
 mlflow = pytest.importorskip("mlflow")
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "MLFLOW_PARENT_RUN_ID", "RANK")
@@ -236,3 +236,19 @@ def test_system_metrics_without_psutil_is_a_config_error(monkeypatch: pytest.Mon
         make_tracker(cfg_for("sysm", "tracking.system_metrics=true"), "train-ntp")
     with pytest.raises(ValueError, match="system_metrics_interval_s"):
         cfg_for("sysm", "tracking.system_metrics_interval_s=0")
+
+
+def test_database_store_without_full_mlflow_says_which_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow-skinny (the images) opens no sqlite/PostgreSQL store: say so before MLflow fails obscurely."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
+    for uri in ("sqlite:////tmp/x/mlflow.db", "postgresql+psycopg://db:5432/mlflow"):
+        with pytest.raises(ImportError, match=r"sqlalchemy not installed.*refine-core\[mlflow\]"):
+            check_store_support(uri)
+    for uri in ("http://mlflow:5000", "https://mlflow.example.com", "databricks"):
+        assert check_store_support(uri) == uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/x/mlflow.db")
+    with pytest.raises(ImportError, match="full MLflow"):
+        make_tracker(cfg_for("skinny"), "stage")

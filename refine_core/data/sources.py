@@ -9,7 +9,8 @@ data's manifest. ``SourceConfig.path`` may be:
   so the stream is deterministic. A ``.txt`` file is one document; the other formats hold one document per record
   in ``text_column``. A ``.json`` file is a list of records, a mapping of columns, or JSON lines;
 * ``s3://bucket/prefix`` (downloaded once with :func:`refine_core.storage.resolve`, then read as a directory);
-* ``hf://org/name``: a hub dataset streamed with ``datasets.load_dataset(name, subset, split=..., streaming=True)``;
+* ``hf://org/name``: a hub dataset streamed with ``datasets.load_dataset(name, subset, split=..., streaming=True)``
+  (the ``datasets`` extra; nothing else imports it);
 * ``synthetic``: :func:`synthetic_documents`, pseudo-English with learnable structure that needs no files.
 
 Document ids are ``{file path relative to the source root}:{row}`` for files (stable across machines), so they can
@@ -230,7 +231,14 @@ def _iter_json(path: Path, name: str, column: str) -> Iterator[Document]:
 
 
 def _iter_hub(source: SourceConfig) -> Iterator[Document]:
-    import datasets
+    try:
+        import datasets
+    except ImportError as exc:  # the `datasets` extra: only hub sources need it
+        raise ImportError(
+            f"data source {source.path!r} is a hub dataset, which needs the datasets package: "
+            "`pip install 'refine-core[datasets]'` (the images have it), or point data.sources[].path at local files "
+            "or an s3:// copy."
+        ) from exc
 
     name = source.path[len("hf://") :]
     try:

@@ -151,6 +151,16 @@ def test_hub_dataset_streams_through_datasets(monkeypatch: pytest.MonkeyPatch) -
         list(iter_documents(SourceConfig(path="hf://org/corpus")))
 
 
+def test_hub_source_without_datasets_says_which_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    with pytest.raises(ImportError, match=r"refine-core\[datasets\]"):
+        list(iter_documents(SourceConfig(path="hf://org/corpus")))
+    # every other source works without it
+    assert len(list(iter_documents(SourceConfig(path="synthetic", synthetic_docs=2, synthetic_words=20)))) == 2
+
+
 # ---------------------------------------------------------------------------------------------------------- s3
 
 

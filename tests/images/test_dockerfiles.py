@@ -175,15 +175,32 @@ def test_copy_sources_exist_and_layers_are_ordered(kind: str) -> None:
     )
 
 
+def _lock_extras(kind: str) -> tuple[str, ...]:
+    """The project extras images/lock.py resolves for ``kind``."""
+    import runpy
+
+    return runpy.run_path(str(IMAGES / "lock.py"))["TARGETS"][kind].extras
+
+
 def test_locks_satisfy_pyproject(kind: str) -> None:
     pins = _locked(IMAGES / kind / "requirements-torch.txt") | _locked(IMAGES / kind / "requirements.txt")
-    extras = ("kfp",) if kind == "cpu" else ("kfp", "gpu")
+    extras = _lock_extras(kind)
+    assert {"kfp", "datasets"} <= set(extras) and ("gpu" in extras) == (kind == "gpu")
     stale = []
     for req in _project_requirements(*extras):
         name = canonicalize_name(req.name)
         if name not in pins or not req.specifier.contains(Version(pins[name][0]), prereleases=True):
             stale.append(f"{req} (locked: {pins.get(name, ('nothing',))[0]})")
     assert not stale, f"images/{kind} locks are stale, run `python images/lock.py --target {kind}`: {stale}"
+
+
+def test_images_carry_the_mlflow_client_only(kind: str) -> None:
+    """Pods only talk to the MLflow server: mlflow-skinny, none of the server's stack; no Kubeflow SDK either."""
+    pins = _locked(IMAGES / kind / "requirements-torch.txt") | _locked(IMAGES / kind / "requirements.txt")
+    assert pins["mlflow-skinny"][0] == "3.17.2"
+    server = {"mlflow", "sqlalchemy", "alembic", "flask", "gunicorn", "graphene", "huey", "scikit-learn", "kubeflow"}
+    assert not server & pins.keys(), f"images/{kind} locks {sorted(server & pins.keys())}"
+    assert "pandas" in pins and "kubeflow-trainer-api" in pins  # mlflow.pyfunc's pandas; the TrainJob models
 
 
 def test_torch_pins() -> None:
@@ -199,6 +216,7 @@ def test_torch_pins() -> None:
     assert gpu["torch"][0] == TORCH
     assert gpu["triton"][0] == "3.7.1", "torch 2.13.0's CUDA wheel pins triton 3.7.1 (GatedDeltaNet backward)"
     assert gpu["flash-linear-attention"][0] == gpu["fla-core"][0] == "0.6.0"
+    assert gpu["transformers"][0] == "5.23.0", "fla 0.6.0's generate breaks on 5.24 (the gpu extra's pin)"
     cuda_major = gpu["nvidia-cuda-runtime"][0].split(".")[0]
     base = parse_dockerfile(IMAGES / "gpu" / "Dockerfile")[0].args
     assert base.startswith(f"BASE_IMAGE=nvidia/cuda:{cuda_major}."), "the base's CUDA must match torch's wheels"
