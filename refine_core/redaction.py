@@ -34,11 +34,16 @@ def redact(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def redact_text(text: str) -> str:
+    """``text`` with the user info of every ``scheme://user:password@host`` in it replaced (hosts stay visible)."""
+    return _URL_USERINFO.sub(f"{REDACTED}@", text)
+
+
 def _redact_value(value: Any) -> Any:
     if isinstance(value, Mapping):
         return redact(value)
     if isinstance(value, (list, tuple)):
         return [_redact_value(v) for v in value]
     if isinstance(value, str):
-        return _URL_USERINFO.sub(f"{REDACTED}@", value)
+        return redact_text(value)
     return value

@@ -15,6 +15,10 @@ a local :class:`~pathlib.Path`:
 :func:`upload_dir` is the reverse for S3; :func:`publish_dir` and :func:`publish_file` write to either kind of
 location (an ``s3://`` prefix, or a directory, e.g. on a volume that other pods mount). Credentials are never
 logged: only bucket, prefix and counts are.
+
+Every S3 transfer reports its bytes through :class:`refine_core.progress.Progress` (done / total, rate, ETA; a bar
+on a terminal, a log line every 30 s in a pod), fed by the transfer manager's progress callbacks, which boto3 calls
+from its worker threads.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from refine_core.errors import RunFailed
+from refine_core.progress import BYTES, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +124,14 @@ def _transfer_config() -> Any:
     return TransferConfig(multipart_threshold=_PART_BYTES, multipart_chunksize=_PART_BYTES, max_concurrency=8)
 
 
+def _byte_progress(progress: Progress) -> list[Any]:
+    """The transfer-manager subscribers that add each chunk's bytes to ``progress`` (what ``Callback=`` of
+    ``upload_file`` / ``download_file`` does; a retried part reports negative bytes, so the count stays right)."""
+    from boto3.s3.transfer import ProgressCallbackInvoker
+
+    return [ProgressCallbackInvoker(progress.update)]
+
+
 def _list_objects(client: Any, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
     """``{key: {"size", "etag"}}`` for every object under ``prefix`` (folder placeholders skipped)."""
     objects: dict[str, dict[str, Any]] = {}
@@ -195,13 +208,16 @@ def _resolve_s3(uri: str, cache_dir: Path) -> Path:
     try:
         from boto3.s3.transfer import create_transfer_manager
 
-        with create_transfer_manager(client, _transfer_config()) as manager:
+        with (
+            Progress(f"download {uri}", total=total, unit=BYTES) as progress,
+            create_transfer_manager(client, _transfer_config()) as manager,
+        ):
             futures = []
             for key in sorted(objects):
                 rel = single if single is not None else _relative_key(key, prefix)
                 dest = tmp / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                futures.append(manager.download(bucket, key, str(dest)))
+                futures.append(manager.download(bucket, key, str(dest), subscribers=_byte_progress(progress)))
             for future in futures:
                 future.result()
         (tmp / COMPLETE_MARKER).write_text(json.dumps({**listing, "completed_at": time.time()}, indent=1))
@@ -280,12 +296,16 @@ def upload_dir(local_dir: str | os.PathLike[str], s3_uri: str) -> list[str]:
     bucket, prefix = split_s3_uri(s3_uri)
     files = list(_iter_files(src))
     keys = [f"{prefix}/{p.relative_to(src).as_posix()}" if prefix else p.relative_to(src).as_posix() for p in files]
-    logger.info("uploading %d files (%.1f MiB) from %s to s3://%s/%s", len(files),
-                sum(p.stat().st_size for p in files) / 2**20, src, bucket, prefix)
+    total = sum(p.stat().st_size for p in files)
+    logger.info("uploading %d files (%.1f MiB) from %s to s3://%s/%s", len(files), total / 2**20, src, bucket, prefix)
     from boto3.s3.transfer import create_transfer_manager
 
-    with create_transfer_manager(s3_client(), _transfer_config()) as manager:
-        futures = [manager.upload(str(path), bucket, key) for path, key in zip(files, keys, strict=True)]
+    with (
+        Progress(f"upload to s3://{bucket}/{prefix}", total=total, unit=BYTES) as progress,
+        create_transfer_manager(s3_client(), _transfer_config()) as manager,
+    ):
+        futures = [manager.upload(str(path), bucket, key, subscribers=_byte_progress(progress))
+                   for path, key in zip(files, keys, strict=True)]
         for future, key in zip(futures, keys, strict=True):
             try:
                 future.result()
@@ -343,7 +363,8 @@ def publish_file(path: str | os.PathLike[str], uri: str) -> str:
         bucket, key = split_s3_uri(uri)
         if not key:
             raise ValueError(f"publish_file: {uri!r} names a bucket, not an object; add the object key.")
-        s3_client().upload_file(str(src), bucket, key, Config=_transfer_config())
+        with Progress(f"upload to {uri}", total=src.stat().st_size, unit=BYTES) as progress:
+            s3_client().upload_file(str(src), bucket, key, Config=_transfer_config(), Callback=progress.update)
         return uri
     target = Path(os.path.expanduser(uri))
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -24,3 +24,11 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         client = boto3.client("s3")
         client.create_bucket(Bucket="bkt")
         yield client
+
+
+@pytest.fixture
+def plain_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Progress as a pod's log shows it, a line on every update: no tqdm bar even under ``pytest -s`` on a
+    terminal, and no 30 s wait between lines."""
+    monkeypatch.setattr("refine_core.progress._stderr_is_terminal", lambda: False)
+    monkeypatch.setattr("refine_core.progress.LOG_EVERY_S", 0.0)

@@ -18,6 +18,10 @@ The output (see :mod:`refine_core.data.shards`) is built in a temporary sibling 
 only when complete; an existing prepared directory is replaced only after the new one is complete, and a
 directory that is not a prepared one is never replaced. The tokenizer is saved into ``{prepared_dir}/tokenizer``
 so later stages use exactly the same one.
+
+Progress (:class:`refine_core.progress.Progress`): documents read out of the total where every source's size is
+known ahead (:func:`refine_core.data.sources.count_documents`), with the rate, an ETA and the documents and tokens
+kept so far; otherwise the count and the rate.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import heapq
 import itertools
 import logging
 import shutil
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +43,13 @@ import refine_core
 from refine_core.config import ModelConfig, RunConfig, to_dict
 from refine_core.data import sources as sources_lib
 from refine_core.data.shards import MANIFEST_FILE, SCHEMA_VERSION, TOKENIZER_DIR, ShardWriter, write_manifest
+from refine_core.progress import Progress
 from refine_core.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 # Documents tokenized per call: lets a fast tokenizer use several threads; ~1M tokens of 16K-token documents.
 _ENCODE_BATCH = 64
-_LOG_EVERY_S = 10.0
 
 
 @dataclass
@@ -180,54 +183,52 @@ def _write_splits(cfg: RunConfig, tokenizer: Tokenizer, spec: str, tmp: Path) ->
         "tokens_kept": 0,
         "longest_doc_tokens": 0,
     }
-    source_entries = []
-    last_log = time.monotonic()
-    for source_index, source in enumerate(data.sources):
-        entry = {
+    # Every source is located (and an s3:// one downloaded) before hours of tokenizing, so a bad path fails fast.
+    source_entries = [
+        {
             "path": source.path,
             "fingerprint": sources_lib.fingerprint(source, cfg.model.cache_dir),
             "docs_read": 0,
             "docs_kept": 0,
         }
-        docs = sources_lib.iter_documents(source, cfg.model.cache_dir)
-        while chunk := list(itertools.islice(docs, _ENCODE_BATCH)):
-            for doc, ids in zip(chunk, tokenizer.encode_batch([d.text for d in chunk]), strict=True):
-                counts["docs_read"] += 1
-                entry["docs_read"] += 1
-                counts["tokens_read"] += len(ids)
-                counts["longest_doc_tokens"] = max(counts["longest_doc_tokens"], len(ids))
-                if len(ids) < data.min_tokens:
-                    counts["docs_too_short"] += 1
-                    continue
-                if len(ids) > data.max_tokens:
-                    counts["docs_truncated"] += 1
-                    ids = ids[: data.max_tokens]  # spec §1: keep the first tokens
-                doc_id = f"{source_index}/{doc.id}"
-                item = (
-                    -_split_key(data.split_seed, doc_id),
-                    -counts["docs_kept"],
-                    doc_id,
-                    np.asarray(ids, dtype=np.int32),
-                )
-                counts["docs_kept"] += 1
-                entry["docs_kept"] += 1
-                counts["tokens_kept"] += len(ids)
-                if len(held) < data.eval_docs:
-                    heapq.heappush(held, item)
-                    continue
-                if held and item[:2] > held[0][:2]:  # smaller key than the largest held-out one: swap them
-                    item = heapq.heapreplace(held, item)
-                train.add(item[2], item[3])
-            if time.monotonic() - last_log > _LOG_EVERY_S:
-                last_log = time.monotonic()
-                logger.info(
-                    "read %d documents, kept %d (%d tokens)",
-                    counts["docs_read"],
-                    counts["docs_kept"],
-                    counts["tokens_kept"],
-                )
-        logger.info("source %s: read %d documents, kept %d", source.path, entry["docs_read"], entry["docs_kept"])
-        source_entries.append(entry)
+        for source in data.sources
+    ]
+    per_source = [sources_lib.count_documents(source, cfg.model.cache_dir) for source in data.sources]
+    total = None if None in per_source else sum(n for n in per_source if n is not None)
+    with Progress("prepare data", total=total, unit="document") as progress:
+        for source_index, (source, entry) in enumerate(zip(data.sources, source_entries, strict=True)):
+            docs = sources_lib.iter_documents(source, cfg.model.cache_dir)
+            while chunk := list(itertools.islice(docs, _ENCODE_BATCH)):
+                for doc, ids in zip(chunk, tokenizer.encode_batch([d.text for d in chunk]), strict=True):
+                    counts["docs_read"] += 1
+                    entry["docs_read"] += 1
+                    counts["tokens_read"] += len(ids)
+                    counts["longest_doc_tokens"] = max(counts["longest_doc_tokens"], len(ids))
+                    if len(ids) < data.min_tokens:
+                        counts["docs_too_short"] += 1
+                        continue
+                    if len(ids) > data.max_tokens:
+                        counts["docs_truncated"] += 1
+                        ids = ids[: data.max_tokens]  # spec §1: keep the first tokens
+                    doc_id = f"{source_index}/{doc.id}"
+                    item = (
+                        -_split_key(data.split_seed, doc_id),
+                        -counts["docs_kept"],
+                        doc_id,
+                        np.asarray(ids, dtype=np.int32),
+                    )
+                    counts["docs_kept"] += 1
+                    entry["docs_kept"] += 1
+                    counts["tokens_kept"] += len(ids)
+                    if len(held) < data.eval_docs:
+                        heapq.heappush(held, item)
+                        continue
+                    if held and item[:2] > held[0][:2]:  # smaller key than the largest held-out one: swap them
+                        item = heapq.heapreplace(held, item)
+                    train.add(item[2], item[3])
+                progress.set_postfix(f"kept {counts['docs_kept']} ({counts['tokens_kept']} tokens)")
+                progress.update(len(chunk))
+            logger.info("source %s: read %d documents, kept %d", source.path, entry["docs_read"], entry["docs_kept"])
 
     empty = [str(e["path"]) for e in source_entries if not e["docs_read"]]
     if counts["docs_read"] == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from refine_core import storage
+from refine_core.progress import Progress
 from refine_core.storage import COMPLETE_MARKER, is_hub_name, resolve, upload_dir
 
 
@@ -198,3 +200,58 @@ def test_upload_dir_errors(tmp_path: Path) -> None:
         upload_dir(tmp_path / "missing", "s3://bkt/x")
     with pytest.raises(ValueError, match="s3://"):
         upload_dir(tmp_path, "bkt/x")
+
+
+def _record_progress(monkeypatch: pytest.MonkeyPatch) -> list[Progress]:
+    """Every Progress the storage module makes, to read its final count."""
+    made: list[Progress] = []
+
+    class Recorded(Progress):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(storage, "Progress", Recorded)
+    return made
+
+
+def _progress_lines(caplog: pytest.LogCaptureFixture, start: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "refine_core.progress" and
+            r.getMessage().startswith(start)]
+
+
+def test_transfers_report_their_bytes_up_to_the_total(s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture, plain_progress: None) -> None:
+    made = _record_progress(monkeypatch)
+    files = _make_tree(tmp_path / "src")
+    size = sum(len(data) for data in files.values())  # 25,613 bytes: 25.0 KiB
+    with caplog.at_level(logging.INFO):
+        upload_dir(tmp_path / "src", "s3://bkt/models/tiny")
+        resolve("s3://bkt/models/tiny", tmp_path / "cache")
+    assert [(p.what, p.total, p.done) for p in made] == [
+        ("upload to s3://bkt/models/tiny", size, size), ("download s3://bkt/models/tiny", size, size)]
+    for start in ("upload to s3://bkt/models/tiny: ", "download s3://bkt/models/tiny: "):
+        lines = _progress_lines(caplog, start)
+        assert lines[-1].startswith(f"{start}done, 25.0 KiB in ") and lines[-1].endswith("/s)")
+        assert all("/25.0 KiB (" in line and ", eta " in line for line in lines[:-1])
+    assert "testing" not in caplog.text  # the moto credentials never reach the log
+
+
+def test_multipart_transfer_progress_from_worker_threads(s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture,
+                                                         plain_progress: None) -> None:
+    """Three 5 MiB parts move in parallel, each reporting from its own thread: the bytes add up exactly."""
+    monkeypatch.setattr(storage, "_PART_BYTES", 5 * 1024 * 1024)
+    made = _record_progress(monkeypatch)
+    big = tmp_path / "src" / "big.bin"
+    big.parent.mkdir()
+    big.write_bytes(bytes(range(256)) * (11 * 1024 * 4))  # 11 MiB
+    with caplog.at_level(logging.INFO):
+        upload_dir(tmp_path / "src", "s3://bkt/big")
+        storage.publish_file(big, "s3://bkt/one/big.bin")
+        resolve("s3://bkt/one/big.bin", tmp_path / "cache")  # a single object: its size comes from head_object
+    assert [(p.what, p.done) for p in made] == [
+        ("upload to s3://bkt/big", 11 * 2**20), ("upload to s3://bkt/one/big.bin", 11 * 2**20),
+        ("download s3://bkt/one/big.bin", 11 * 2**20)]
+    for start in ("upload to s3://bkt/big: ", "upload to s3://bkt/one/big.bin: ", "download s3://bkt/one/big.bin: "):
+        assert _progress_lines(caplog, start)[-1].startswith(f"{start}done, 11.0 MiB in ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,65 @@ def test_manifest_is_plain_json(tmp_path: Path) -> None:
     assert manifest["held_out"]["eval_docs"] == 4
     assert manifest["splits"]["eval"]["num_tokens"] == sum(
         TokenizedDataset(result.prepared_dir, "eval").num_tokens(i) for i in range(4))
+
+
+def _progress_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "refine_core.progress"]
+
+
+def test_progress_counts_documents_to_the_known_total(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture, plain_progress: None) -> None:
+    """A synthetic corpus and a parquet file know their sizes: every line has done/total and an ETA, the last
+    says done with every document counted."""
+    path = _corpus(tmp_path)  # 5 parquet rows
+    monkeypatch.setattr(stage, "_ENCODE_BATCH", 4)
+    cfg = _cfg(tmp_path, f"data.sources=[{{path: synthetic, synthetic_docs: 10, synthetic_words: 60}}, "
+               f"{{path: '{path}', text_column: content}}]", "data.min_tokens=100", "data.eval_docs=2")
+    with caplog.at_level(logging.INFO):
+        prepare_data(cfg)
+    lines = _progress_lines(caplog)
+    # batches of 4: 4, 8, 10 (the synthetic source's end), 14, 15
+    assert [line.split(",")[0] for line in lines[:-1]] == [
+        "prepare data: 4/15 documents (27%)", "prepare data: 8/15 documents (53%)",
+        "prepare data: 10/15 documents (67%)", "prepare data: 14/15 documents (93%)",
+    ]
+    assert all(" documents/s, eta " in line and "tokens)" in line for line in lines[:-1])
+    assert lines[-1].startswith("prepare data: done, 15 documents in ")
+    kept = load_manifest(cfg.prepared_dir)["counts"]
+    assert lines[-1].endswith(f"kept {kept['docs_kept']} ({kept['tokens_kept']} tokens)")
+
+
+def test_progress_without_a_known_total_counts_and_ends_done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture,
+                                                             plain_progress: None) -> None:
+    """A .json file is not counted ahead (it would have to be parsed): lines give the count and the rate."""
+    path = tmp_path / "docs.json"
+    path.write_text(json.dumps([{"text": "word " * (40 + i)} for i in range(9)]))
+    monkeypatch.setattr(stage, "_ENCODE_BATCH", 4)
+    cfg = _cfg(tmp_path, f"data.sources=[{{path: '{path}'}}]", "data.min_tokens=10", "data.eval_docs=2")
+    with caplog.at_level(logging.INFO):
+        prepare_data(cfg)
+    lines = _progress_lines(caplog)
+    assert [line.split(",")[0] for line in lines] == [
+        "prepare data: 4 documents", "prepare data: 8 documents", "prepare data: 9 documents",
+        "prepare data: done",
+    ]
+    assert all("eta" not in line and "/" not in line.split(",")[0] for line in lines)
+    assert lines[-1].startswith("prepare data: done, 9 documents in ")
+
+
+def test_documents_are_counted_ahead_where_it_is_cheap(tmp_path: Path) -> None:
+    from refine_core.config import SourceConfig
+    from refine_core.data.sources import count_documents
+
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n\n{"text": "y"}\n   \n{"text": "z"}')  # blank lines skipped
+    (tmp_path / "b.txt").write_text("one document")
+    assert count_documents(SourceConfig(path=str(tmp_path))) == 4
+    assert count_documents(SourceConfig(path=str(tmp_path), max_docs=2)) == 2
+    assert count_documents(SourceConfig(path=str(_corpus(tmp_path)))) == 5
+    assert count_documents(SourceConfig(path="synthetic", synthetic_docs=7)) == 7
+    assert count_documents(SourceConfig(path="hf://org/name")) is None
+    (tmp_path / "c.json").write_text("[]")
+    assert count_documents(SourceConfig(path=str(tmp_path))) is None
+    (tmp_path / "bad.parquet").write_text("not parquet")  # the reading pass names this file; counting stays quiet
+    assert count_documents(SourceConfig(path=str(tmp_path / "bad.parquet"))) is None
