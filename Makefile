@@ -17,11 +17,17 @@ LOCK_VENV ?= .venv-lock
 
 .PHONY: setup demo test lint lock clean
 
+# pip's own chatter (a machine's index warnings, setuptools notices: hundreds of lines on a fresh machine) goes to
+# $(VENV)/install.log; a failed step prints that log, so nothing is hidden when it matters.
+INSTALL_LOG = $(VENV)/install.log
+PIP_QUIET = >>$(INSTALL_LOG) 2>&1 || { cat $(INSTALL_LOG); echo "setup failed; the log is $(INSTALL_LOG)"; exit 1; }
+
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c $(CONSTRAINTS) --upgrade pip
-	$(PY) -m pip install -q -c $(CONSTRAINTS) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
+	@echo "installing into $(VENV) (torch first, then .[dev] under $(CONSTRAINTS)); pip's output: $(INSTALL_LOG)"
+	@$(PY) -m pip install -q -c $(CONSTRAINTS) --upgrade pip $(PIP_QUIET)
+	@$(PY) -m pip install -q -c $(CONSTRAINTS) "$(TORCH_SPEC)" $(PIP_QUIET)
+	@$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]" $(PIP_QUIET)
 	touch $@
 
 setup: $(VENV)/.installed
