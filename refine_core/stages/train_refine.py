@@ -58,6 +58,11 @@ def train_refine(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
     rcfg = cfg.refine
     stage = STAGE if rcfg.nsp_update else f"{STAGE}-baseline"
     check_document_lengths(cfg)  # before the model is built: the corpus must fit the selection settings
+    if rcfg.kl_coef > 0 and cfg.parallel == "fsdp":
+        raise ConfigError(
+            "refine.kl_coef > 0 needs a frozen copy of the starting model, which is not sharded yet under "
+            "parallel=fsdp; use parallel=ddp (or kl_coef=0, the paper's setting)."
+        )
     session = TrainingSession.open(cfg, stage, rcfg, tracker, batch_size=rcfg.batch_size, data_parallel=True)
     sync = session.sync
     model, tokenizer = session.model, session.tokenizer
