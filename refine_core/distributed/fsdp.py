@@ -65,14 +65,14 @@ def shard_model(model: nn.Module, mp_policy: MixedPrecisionPolicy | None = None)
     blocks = getattr(getattr(model, "model", None), "layers", None)
     if blocks is None:
         raise TypeError(f"{type(model).__name__} has no model.layers to shard; FSDP needs a FastWeightForCausalLM.")
-    for block in blocks:
-        fully_shard(block, **kwargs)
+    units = [fully_shard(block, **kwargs) for block in blocks]
     root = fully_shard(model, **kwargs)
-    # Sum, not mean, over ranks: the loops already divide by the global token count (module docstring).
-    root.set_gradient_divide_factor(1.0)
-    # A custom factor would otherwise become NCCL's PREMUL_SUM, which gloo lacks; a plain SUM (the factor 1 then
-    # scales nothing) works on both and is NCCL's zero-copy-friendly op.
-    root.set_force_sum_reduction_for_comms(True)
+    for unit in [*units, root]:  # these setters act on one module's own parameter group, not its children's
+        # Sum, not mean, over ranks: the loops already divide by the global token count (module docstring).
+        unit.set_gradient_divide_factor(1.0)
+        # A custom factor would otherwise become NCCL's PREMUL_SUM, which gloo lacks; a plain SUM (the factor 1
+        # then scales nothing) works on both and is NCCL's zero-copy-friendly op.
+        unit.set_force_sum_reduction_for_comms(True)
     return root
 
 
