@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from torch.distributed.checkpoint import CheckpointException
 
 from refine_core.config import ConfigError, NTPConfig, PostTrainConfig, RefineConfig, RunConfig, dump_yaml
 from refine_core.data.batching import DocumentBatcher, iter_eval_batches
@@ -230,7 +231,8 @@ class TrainingSession:
                 check_resume(path, state.get("run_identity"), self.identity, section, self.settings.resume == "force")
                 self._load_model_and_optimizer(path, state)
                 return path, state
-            except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
+            except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError,
+                    CheckpointException) as exc:  # DCP reports a rank's unreadable file as CheckpointException
                 if isinstance(exc, ConfigError):
                     raise  # another run's checkpoint, or an old-format one under FSDP: not a damaged file
                 failures.append(f"{path.name} ({type(exc).__name__}: {str(exc)[:120]})")

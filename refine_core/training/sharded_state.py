@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
@@ -129,7 +129,16 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[d
 def write_sharded_state(tensors: dict[str, Any], directory: Path) -> None:
     """Write :func:`sharded_state`'s tensors under ``directory/state`` (collective: every rank calls it)."""
     # sync_files=True (the default, spelled out): each rank fsyncs its own files before the commit's barrier.
-    dcp.save(tensors, storage_writer=FileSystemWriter(directory / STATE_DIR, sync_files=True), no_dist=_no_dist())
+    try:
+        dcp.save(tensors, storage_writer=FileSystemWriter(directory / STATE_DIR, sync_files=True), no_dist=_no_dist())
+    except CheckpointException as exc:
+        # DCP wraps each rank's failure ({rank: (exception, traceback)}); a disk error stays an OSError, which the
+        # CheckpointManager turns into its one-line "disk full, the previous checkpoint is intact" failure.
+        for failure in exc.failures.values():
+            error = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(error, OSError):
+                raise error from exc
+        raise
 
 
 def has_sharded_state(directory: Path) -> bool:
