@@ -259,6 +259,12 @@ class ReplicaSync:
         """Wait for every rank."""
 
     @property
+    def sharded(self) -> bool:
+        """Whether each rank holds only part of the model and optimizer state (FSDP), so every rank must write
+        its part of a checkpoint; otherwise rank 0's copy is complete and rank 0 writes alone."""
+        return False
+
+    @property
     def lockstep(self) -> bool:
         """Whether every rank must run the same number of forward passes (FSDP: each one all-gathers weights)."""
         return False

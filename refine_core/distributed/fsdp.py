@@ -122,6 +122,10 @@ class FSDPSync(DDPSync):
     def lockstep(self) -> bool:
         return True
 
+    @property
+    def sharded(self) -> bool:
+        return True
+
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return loss  # the reduce-scatter sums (divide factor 1), see the module docstring
 

@@ -44,7 +44,7 @@ from refine_core.progress import format_duration
 from refine_core.runtime import autocast, capture_rng_state, restore_rng_state, seed_everything, select_device
 from refine_core.tokenizer import Tokenizer
 from refine_core.tracking import NullTracker, Tracker
-from refine_core.training.checkpoint import CheckpointManager, write_directory_atomically
+from refine_core.training.checkpoint import CheckpointManager, step_dir_name, write_directory_atomically
 from refine_core.training.divergence import DivergenceGuard, TrainingDiverged
 from refine_core.training.losses import count_targets, lm_loss_sum, ntp_targets
 from refine_core.training.optim import OptimSettings, build_optimizer, build_scheduler
@@ -282,10 +282,16 @@ class TrainingSession:
     def save(self, step: int, extra: dict[str, Any] | None = None) -> Path:
         """Atomic checkpoint of everything needed to continue at ``step`` (``extra`` must be weights_only-safe).
 
-        Every rank writes its part of the model and optimizer state (:mod:`refine_core.training.sharded_state`)
-        into one directory; rank 0 writes the rest (all ranks hold the same scheduler, data position and RNG state)
-        and commits it, and every rank returns once the checkpoint is complete.
+        The model and optimizer state go through ``torch.distributed.checkpoint``
+        (:mod:`refine_core.training.sharded_state`). FSDP: every rank writes its shards into one directory (on
+        storage all ranks share), then rank 0 writes the rest (all ranks hold the same scheduler, data position and
+        RNG state) and commits. One process and DDP: rank 0 writes everything. Every rank returns once the
+        checkpoint is complete.
         """
+        sharded = self.sync.sharded
+        if not sharded and not self.sync.is_main:  # DDP: rank 0's replicated state is complete; it writes alone
+            self.sync.barrier()
+            return self.checkpoints.root / step_dir_name(step)
         tensors, param_groups = sharded_state(self.model, self.optimizer)
         state = {
             "step": step,
@@ -298,13 +304,13 @@ class TrainingSession:
         }
 
         def write(directory: Path) -> None:
-            write_sharded_state(tensors, directory)
+            write_sharded_state(tensors, directory, collective=sharded)
             if self.sync.is_main:  # the architecture (and tokenizer), so that a checkpoint says what it holds
                 config = json.dumps(self.model.config.to_dict(), indent=2, sort_keys=True)
                 (directory / "config.json").write_text(config)
                 self.tokenizer.save_pretrained(directory)
 
-        path = self.checkpoints.save(step, write, state, ranks=self.sync)
+        path = self.checkpoints.save(step, write, state, ranks=self.sync if sharded else None)
         if self.cfg.tracking.log_checkpoints and self.sync.is_main:
             self.tracker.log_artifacts(path, artifact_path=f"checkpoints/{path.name}")
         self.sync.barrier()

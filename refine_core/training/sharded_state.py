@@ -126,11 +126,17 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[d
     return tensors, optim_state["param_groups"]
 
 
-def write_sharded_state(tensors: dict[str, Any], directory: Path) -> None:
-    """Write :func:`sharded_state`'s tensors under ``directory/state`` (collective: every rank calls it)."""
+def write_sharded_state(tensors: dict[str, Any], directory: Path, collective: bool = True) -> None:
+    """Write :func:`sharded_state`'s tensors under ``directory/state``.
+
+    ``collective``: every rank calls this and writes its own part (FSDP shards; the directory must be on storage
+    all ranks share). ``False``: this process alone writes everything it holds (one process, or rank 0 of a DDP
+    run, whose replicated state is complete), as checkpoints were written before, on node-local storage too.
+    """
     # sync_files=True (the default, spelled out): each rank fsyncs its own files before the commit's barrier.
     try:
-        dcp.save(tensors, storage_writer=FileSystemWriter(directory / STATE_DIR, sync_files=True), no_dist=_no_dist())
+        dcp.save(tensors, storage_writer=FileSystemWriter(directory / STATE_DIR, sync_files=True),
+                 no_dist=not collective or _no_dist())
     except CheckpointException as exc:
         # DCP wraps each rank's failure ({rank: (exception, traceback)}); a disk error stays an OSError, which the
         # CheckpointManager turns into its one-line "disk full, the previous checkpoint is intact" failure.

@@ -2,10 +2,10 @@
 
 Tolerances: every run is float32 on CPU. Runs with a different number of ranks (or DDP vs FSDP) add the same
 per-document gradients in a different order (per rank, then across ranks; FSDP's gradient norm is a sum of per-shard
-squares), so they agree to a few float32 ulps, not bitwise: weights to ``rtol=atol=1e-5`` (measured after 4 AdamW
-steps: max|diff| / max|w| below 1e-6 per tensor) and losses to ``rel=1e-6`` (the rank-0 log prints four decimals, so
-logged torchrun losses are compared to ``abs=1e-4``). The resharding itself is exact: DCP copies the saved tensors'
-bytes into the new shards (checked bitwise below).
+squares), so they agree to float32 rounding, not bitwise: weights to ``rtol=atol=1e-5`` (measured after 4 AdamW
+steps, max over tensors of max|diff| / max|w|: FSDP vs DDP 1.2e-7, FSDP vs one process 6.3e-6) and losses to
+``rel=1e-6`` (the rank-0 log prints four decimals, so logged torchrun losses are compared to ``abs=1e-4``). The
+resharding itself is exact: DCP copies the saved tensors' bytes into the new shards (checked bitwise below).
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def test_checkpoint_of_two_ranks_resumes_with_one_and_three(tmp_path, prepared):
         run = tmp_path / f"{parallel}2"
         torchrun("train-ntp", [f"output_dir={run}", f"parallel={parallel}", *common, "ntp.stop_after=2"])
         state_files = sorted(p.name for p in (run / "train-ntp" / "checkpoints" / "step_00000002" / "state").iterdir())
-        assert state_files == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one file per rank
+        # FSDP: one file per rank (each writes its shards); DDP: rank 0's complete copy, written by rank 0 alone.
+        assert state_files == [".metadata", "__0_0.distcp", *(["__1_0.distcp"] if parallel == "fsdp" else [])]
         shutil.copytree(run, tmp_path / f"{parallel}2-copy")
 
     # FSDP's checkpoint (2 ranks) resumes in one process; DDP's (2 ranks) with FSDP on 3 ranks.
