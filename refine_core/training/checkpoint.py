@@ -4,8 +4,10 @@ Layout under ``root`` (``{output_dir}/{stage}/checkpoints``, see ``refine_core.t
 
     root/
       step_00000050/
-        config.json, model.safetensors, ...   # whatever ``write_fn`` wrote (the model in HF layout)
-        trainer_state.pt                      # optimizer/scheduler state, data position, RNG, step, ...
+        state/, config.json, ...              # whatever ``write_fn`` wrote: training sessions write the model and
+                                              # optimizer tensors with torch.distributed.checkpoint
+                                              # (refine_core.training.sharded_state); older ones model.safetensors
+        trainer_state.pt                      # optimizer param groups, scheduler, data position, RNG, step, ...
         COMPLETE                              # {"step": 50, "time": "..."}: written last; no marker = not a checkpoint
       step_00000100/ ...
       .tmp-step_00000150-<uuid>/              # being written (or left by a crash; removed by the next save)
@@ -15,6 +17,9 @@ writes ``COMPLETE``. A crash at any point leaves either no new directory, a ``.t
 directory without the marker; :meth:`CheckpointManager.latest` ignores all three. When a step is saved again, the
 old directory of that step is first renamed to ``.replaced-step_*-<uuid>`` (marker and all) and counts as complete
 until the new one has its marker, so the root is never without a complete checkpoint.
+
+With ``ranks`` (an FSDP run), every rank writes its part into the same temporary directory and rank 0 alone writes
+``trainer_state.pt``, renames and marks it (:meth:`CheckpointManager.save`).
 
 ``trainer_state.pt`` holds only what ``torch.load(..., weights_only=True)`` accepts (tensors, dicts, lists, tuples,
 numbers, str, None); :meth:`CheckpointManager.save` checks that before writing.
