@@ -502,6 +502,12 @@ class RunConfig:
     device: str = "auto"
     # ``auto``: bf16 autocast on CUDA, fp32 on CPU.
     precision: str = "auto"
+    # How a training stage run under torchrun with more than one process splits the work: ``ddp`` keeps the whole
+    # model and optimizer on every rank (PyTorch DDP); ``fsdp`` shards parameters, gradients and optimizer state over
+    # the ranks (FSDP2 ``fully_shard`` per decoder block; bf16 compute with fp32 gradient reduce when precision is
+    # bf16; train-ntp only so far, train-refine refuses it). Checkpoints of either resume with the other and with any
+    # number of processes. One process: no effect.
+    parallel: str = "ddp"
     # Where a training stage also publishes its final model and summary when it completes
     # (``{export_uri}/model/`` and ``{export_uri}/result.json``): an ``s3://`` prefix or a directory on a shared
     # volume. The TrainJob launcher sets it, so that the KFP task can take the model of its trainer pods back
@@ -530,6 +536,8 @@ class RunConfig:
             raise ConfigError("output_dir is empty; name the directory the run writes into (e.g. runs/my-run).")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision={self.precision!r}; use 'auto', 'fp32' or 'bf16'.")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"parallel={self.parallel!r}; use 'ddp' or 'fsdp'.")
         if self.triton_cache_dir is not None:
             if not self.triton_cache_dir.strip():
                 raise ConfigError(

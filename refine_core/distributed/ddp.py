@@ -258,6 +258,30 @@ class ReplicaSync:
     def barrier(self) -> None:
         """Wait for every rank."""
 
+    @property
+    def sharded(self) -> bool:
+        """Whether each rank holds only part of the model and optimizer state (FSDP), so every rank must write
+        its part of a checkpoint; otherwise rank 0's copy is complete and rank 0 writes alone."""
+        return False
+
+    @property
+    def lockstep(self) -> bool:
+        """Whether every rank must run the same number of forward passes (FSDP: each one all-gathers weights)."""
+        return False
+
+    def broadcast_object(self, obj: T) -> T:
+        """Rank 0's ``obj`` on every rank (picklable; used for small control values such as a directory name)."""
+        return obj
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model's weights on rank 0 (CPU tensors; other ranks get ``{}``). Collective: every rank calls it.
+
+        One process and DDP hold the whole model on every rank; FSDP gathers its shards (see ``FSDPSync``).
+        """
+        if not self.is_main:
+            return {}
+        return {name: tensor.detach().to("cpu") for name, tensor in model.state_dict().items()}
+
 
 class DDPSync(ReplicaSync):
     """:class:`ReplicaSync` over a ``DistributedDataParallel`` wrapper of ``model``.
@@ -307,9 +331,29 @@ class DDPSync(ReplicaSync):
     def barrier(self) -> None:
         barrier()
 
+    def broadcast_object(self, obj: T) -> T:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.ctx.device)
+        return box[0]
 
-def make_replica_sync(model: nn.Module, ctx: DistributedContext | None) -> ReplicaSync:
-    """:class:`DDPSync` for a multi-rank context, else the single-process :class:`ReplicaSync`."""
+
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+def make_replica_sync(
+    model: nn.Module, ctx: DistributedContext | None, parallel: str = "ddp", precision: str = "auto"
+) -> ReplicaSync:
+    """The :class:`ReplicaSync` of a run: the identity in one process, else DDP or FSDP2 (``RunConfig.parallel``).
+
+    FSDP shards ``model`` in place (its parameters become ``DTensor`` shards), so the optimizer must be built
+    from ``model.parameters()`` after this call.
+    """
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel={parallel!r}; use one of {', '.join(PARALLEL_MODES)}.")
     if ctx is None or ctx.world_size == 1:
         return ReplicaSync()
+    if parallel == "fsdp":
+        from refine_core.distributed.fsdp import FSDPSync  # fsdp imports this module
+
+        return FSDPSync(model, ctx, precision=precision)
     return DDPSync(model, ctx)

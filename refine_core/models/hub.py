@@ -38,23 +38,30 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def save_pretrained(
-    model: FastWeightForCausalLM, directory: str | Path, tokenizer: Any | None = None, dtype: torch.dtype | None = None
+    model: FastWeightForCausalLM,
+    directory: str | Path,
+    tokenizer: Any | None = None,
+    dtype: torch.dtype | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ tokenizer) into ``directory``.
 
     Tied weights are written once under each name (safetensors refuses shared storage), which fla and HF both load.
+    ``state_dict``: the weights to write instead of ``model.state_dict()`` (e.g. an FSDP model's gathered weights).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
         tensor = tensor.detach().to("cpu")
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         state[name] = tensor.clone().contiguous()
     save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     config = model.config.to_dict()
-    config["torch_dtype"] = str(dtype or model.dtype).removeprefix("torch.")
+    # The dtype of the weights written (under FSDP with bf16 compute, model.dtype may be an unsharded bf16 copy's).
+    written = next((t.dtype for t in state.values() if t.is_floating_point()), model.dtype)
+    config["torch_dtype"] = str(dtype or written).removeprefix("torch.")
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

@@ -25,6 +25,7 @@ import time
 
 from refine_core.config import ConfigError, RunConfig
 from refine_core.data.shards import load_manifest
+from refine_core.distributed.ddp import is_distributed_launch
 from refine_core.tracking import Tracker
 from refine_core.training.refine_step import refine_step
 from refine_core.training.result import TrainResult
@@ -58,6 +59,13 @@ def train_refine(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
     rcfg = cfg.refine
     stage = STAGE if rcfg.nsp_update else f"{STAGE}-baseline"
     check_document_lengths(cfg)  # before the model is built: the corpus must fit the selection settings
+    if cfg.parallel == "fsdp" and is_distributed_launch():
+        # Not yet: the REFINE step uses the root's lm_head weight across several forwards and backwards (rollouts,
+        # fused sampling), which under FSDP2 is freed (resharded) between them; and the KL reference is a deepcopy.
+        raise ConfigError(
+            "train-refine does not support parallel=fsdp yet; use parallel=ddp (its checkpoints resume under either "
+            "mode and any number of processes)."
+        )
     session = TrainingSession.open(cfg, stage, rcfg, tracker, batch_size=rcfg.batch_size, data_parallel=True)
     sync = session.sync
     model, tokenizer = session.model, session.tokenizer

@@ -4,8 +4,10 @@ Layout under ``root`` (``{output_dir}/{stage}/checkpoints``, see ``refine_core.t
 
     root/
       step_00000050/
-        config.json, model.safetensors, ...   # whatever ``write_fn`` wrote (the model in HF layout)
-        trainer_state.pt                      # optimizer/scheduler state, data position, RNG, step, ...
+        state/, config.json, ...              # whatever ``write_fn`` wrote: training sessions write the model and
+                                              # optimizer tensors with torch.distributed.checkpoint
+                                              # (refine_core.training.sharded_state); older ones model.safetensors
+        trainer_state.pt                      # optimizer param groups, scheduler, data position, RNG, step, ...
         COMPLETE                              # {"step": 50, "time": "..."}: written last; no marker = not a checkpoint
       step_00000100/ ...
       .tmp-step_00000150-<uuid>/              # being written (or left by a crash; removed by the next save)
@@ -15,6 +17,9 @@ writes ``COMPLETE``. A crash at any point leaves either no new directory, a ``.t
 directory without the marker; :meth:`CheckpointManager.latest` ignores all three. When a step is saved again, the
 old directory of that step is first renamed to ``.replaced-step_*-<uuid>`` (marker and all) and counts as complete
 until the new one has its marker, so the root is never without a complete checkpoint.
+
+With ``ranks`` (an FSDP run), every rank writes its part into the same temporary directory and rank 0 alone writes
+``trainer_state.pt``, renames and marks it (:meth:`CheckpointManager.save`).
 
 ``trainer_state.pt`` holds only what ``torch.load(..., weights_only=True)`` accepts (tensors, dicts, lists, tuples,
 numbers, str, None); :meth:`CheckpointManager.save` checks that before writing.
@@ -32,7 +37,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -40,6 +45,7 @@ from refine_core.errors import RunFailed
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -47,6 +53,20 @@ _REPLACED_DIR = re.compile(r"^\.replaced-step_(\d{8,})-[0-9a-f]+$")
 _TMP_PREFIX = ".tmp-"
 # Types ``torch.load(weights_only=True)`` reads back without extra allow-listing.
 _PLAIN = (str, int, float, bool, type(None), torch.Size, torch.dtype, torch.device)
+
+
+class RankGroup(Protocol):
+    """The ranks that save one checkpoint together (``refine_core.distributed.ReplicaSync`` is one)."""
+
+    @property
+    def is_main(self) -> bool: ...
+
+    @property
+    def distributed(self) -> bool: ...
+
+    def barrier(self) -> None: ...
+
+    def broadcast_object(self, obj: T) -> T: ...
 
 
 class CheckpointError(ValueError):
@@ -181,44 +201,78 @@ class CheckpointManager:
         complete = self.list_complete()
         return complete[-1] if complete else None
 
-    def save(self, step: int, write_fn: Callable[[Path], None], trainer_state: dict[str, Any]) -> Path:
+    def save(
+        self,
+        step: int,
+        write_fn: Callable[[Path], None],
+        trainer_state: dict[str, Any],
+        ranks: RankGroup | None = None,
+    ) -> Path:
         """Write checkpoint ``step`` atomically and prune old ones.
 
         Args:
             step: the optimizer step the state corresponds to (>= 0).
-            write_fn: called with an empty directory; writes the model (HF layout) and anything else into it.
+            write_fn: called with an empty directory; writes the model (and optimizer) state into it.
             trainer_state: optimizer/scheduler state dicts, data position, RNG state, ... (weights_only-loadable).
                 ``step`` is added; if present it must equal ``step``.
+            ranks: the ranks of a data-parallel run (``session.sync``), when every rank writes its own shards.
+                Then every rank calls ``save``: rank 0 creates the temporary directory and tells the others its
+                name, all ranks run ``write_fn`` into it (e.g. one ``torch.distributed.checkpoint.save``), and after
+                a barrier rank 0 alone writes ``trainer_state`` and commits (rename, then the marker). Only rank 0's
+                ``trainer_state`` is used. ``None`` (or one rank): this process writes everything.
 
         Returns:
             The final checkpoint directory ``root/step_{step:08d}``.
         """
+        if ranks is not None and ranks.distributed:
+            return self._save_ranks(step, write_fn, trainer_state, ranks)
+        state, final, tmp = self._begin(step, trainer_state)
+        self._run_write_fn(step, write_fn, tmp)
+        return self._commit(step, state, final, tmp)
+
+    def _begin(self, step: int, trainer_state: dict[str, Any]) -> tuple[dict[str, Any], Path, Path]:
+        """Check the state, then create the temporary directory: (state with ``step``, final dir, tmp dir)."""
         if step < 0:
             raise ValueError(f"step={step} must be >= 0")
         if trainer_state.get("step", step) != step:
             raise CheckpointError(f"trainer_state['step']={trainer_state['step']} disagrees with step={step}")
         state = {**trainer_state, "step": step}
         _check_weights_only(state, "trainer_state")
-
         self.root.mkdir(parents=True, exist_ok=True)
         self._recover_replaced()
         final = self.root / step_dir_name(step)
         tmp = self.root / f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex}"
         tmp.mkdir()
+        return state, final, tmp
+
+    def _write_error(self, step: int, exc: OSError) -> CheckpointWriteError:
+        previous = self.latest()
+        return CheckpointWriteError(
+            f"writing checkpoint step {step} under {self.root} failed ({exc.strerror or exc}); "
+            + (f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists")
+            + ". Free space (or fix the volume), then run again with resume=true in the stage's section."
+        )
+
+    def _run_write_fn(self, step: int, write_fn: Callable[[Path], None], tmp: Path) -> None:
         try:
             write_fn(tmp)
+        except OSError as exc:  # disk full, I/O error: nothing of this save remains, the older ones are untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise self._write_error(step, exc) from exc
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _commit(self, step: int, state: dict[str, Any], final: Path, tmp: Path) -> Path:
+        """Write ``trainer_state``, fsync, rename ``tmp`` to ``final``, write the marker, prune."""
+        try:
             if (tmp / TRAINER_STATE).exists() or (tmp / MARKER).exists():
                 raise CheckpointError(f"write_fn wrote {TRAINER_STATE} or {MARKER}; those names are reserved.")
             torch.save(state, tmp / TRAINER_STATE)
             _fsync_tree(tmp)
-        except OSError as exc:  # disk full, I/O error: nothing of this save remains, the older ones are untouched
+        except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            previous = self.latest()
-            raise CheckpointWriteError(
-                f"writing checkpoint step {step} under {self.root} failed ({exc.strerror or exc}); "
-                + (f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists")
-                + ". Free space (or fix the volume), then run again with resume=true in the stage's section."
-            ) from exc
+            raise self._write_error(step, exc) from exc
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -239,6 +293,49 @@ class CheckpointManager:
             shutil.rmtree(replaced, ignore_errors=True)
         logger.info("saved checkpoint %s", final)
         self._prune(keep_also=final)
+        return final
+
+    def _save_ranks(
+        self, step: int, write_fn: Callable[[Path], None], trainer_state: dict[str, Any], ranks: RankGroup
+    ) -> Path:
+        """:meth:`save` with every rank writing into one temporary directory (see ``ranks`` there).
+
+        Failures are told to every rank (through a broadcast, or by the collective ``write_fn`` itself), so no rank
+        waits forever for one that gave up. A crash anywhere leaves at most a ``.tmp-*`` directory, which
+        :meth:`latest` never trusts and the next save removes.
+        """
+        failure: BaseException | None = None
+        tmp_name, begin_error = None, None
+        state: dict[str, Any] = {}
+        final = self.root / step_dir_name(step)
+        if ranks.is_main:
+            try:
+                state, final, tmp = self._begin(step, trainer_state)
+                tmp_name = tmp.name
+            except BaseException as exc:  # told to the other ranks, then raised here
+                failure, begin_error = exc, f"{type(exc).__name__}: {exc}"
+        tmp_name, begin_error = ranks.broadcast_object((tmp_name, begin_error))
+        if failure is not None:
+            raise failure
+        if begin_error is not None:
+            raise CheckpointError(f"rank 0 could not start checkpoint step {step}: {begin_error}")
+        tmp = self.root / tmp_name
+        if ranks.is_main:
+            self._run_write_fn(step, write_fn, tmp)
+        else:
+            write_fn(tmp)  # rank 0 removes the directory if this fails (the collective write fails there too)
+        ranks.barrier()  # every rank's shards are written (and fsynced by the writer) before rank 0 commits
+        commit_error = None
+        if ranks.is_main:
+            try:
+                self._commit(step, state, final, tmp)
+            except BaseException as exc:
+                failure, commit_error = exc, f"{type(exc).__name__}: {exc}"
+        commit_error = ranks.broadcast_object(commit_error)
+        if failure is not None:
+            raise failure
+        if commit_error is not None:
+            raise CheckpointWriteError(f"rank 0 could not commit checkpoint step {step}: {commit_error}")
         return final
 
     @staticmethod

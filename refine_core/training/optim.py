@@ -19,6 +19,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 logger = logging.getLogger(__name__)
@@ -126,7 +127,14 @@ def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip:
 
     Returns the pre-clip gradient norm and whether the optimizer stepped. Gradients are cleared either way.
     """
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    # clip_grad_norm_ spelled out (it is get_total_norm + clip_grads_with_norm_), so that an FSDP run's norm, a
+    # DTensor summed from every rank's shard, becomes one replicated value before it scales the gradients.
+    params = list(model.parameters())
+    total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], 2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, grad_clip, total)
+    grad_norm = float(total)
     took = math.isfinite(grad_norm)
     if took:
         optimizer.step()

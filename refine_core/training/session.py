@@ -15,6 +15,7 @@ In one process ``session.sync`` is the identity and nothing changes.
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from torch.distributed.checkpoint import CheckpointException
 
 from refine_core.config import ConfigError, NTPConfig, PostTrainConfig, RefineConfig, RunConfig, dump_yaml
 from refine_core.data.batching import DocumentBatcher, iter_eval_batches
@@ -35,6 +37,7 @@ from refine_core.distributed.ddp import (
     is_distributed_launch,
     make_replica_sync,
 )
+from refine_core.distributed.fsdp import FSDPSync
 from refine_core.models import FastWeightForCausalLM, save_pretrained
 from refine_core.models.hub import read_state_dict
 from refine_core.progress import format_duration
@@ -53,6 +56,13 @@ from refine_core.training.setup import (
     check_model_section,
     localize_inputs,
     prepared_tokenizer,
+)
+from refine_core.training.sharded_state import (
+    STATE_DIR,
+    has_sharded_state,
+    load_sharded_state,
+    sharded_state,
+    write_sharded_state,
 )
 
 logger = logging.getLogger(__name__)
@@ -166,6 +176,8 @@ class TrainingSession:
             raise ValueError("TrainingSession.open: a custom train_set needs its tokenizer")
         eval_set = eval_set if eval_set is not None else []
         model = build_or_load_model(cfg, tokenizer, device).train()
+        # DDP / FSDP wrap (FSDP shards the parameters in place) before the optimizer is built on them.
+        sync = make_replica_sync(model, ctx, cfg.parallel, cfg.precision)
         optim = optim or settings
         optimizer = build_optimizer(model, optim)
         session = cls(
@@ -182,15 +194,13 @@ class TrainingSession:
             checkpoints=CheckpointManager(stage_dir / "checkpoints", keep=settings.keep_checkpoints),
             train_set=train_set,
             eval_set=eval_set,
+            sync=sync,
             guard=DivergenceGuard(stage, getattr(settings, "section", "post"), settings.max_skipped_steps),
         )
         sections = (section,) if section != "post" else ("post", "refine")  # post-training uses refine's AdamW
         session.identity = run_identity(cfg, sections, data_tag)
-        latest, state, weights = session._readable_checkpoint() if settings.resume else (None, {}, {})
+        latest, state = session._resume_from_checkpoint(section) if settings.resume else (None, {})
         if latest is not None:
-            check_resume(latest, state.get("run_identity"), session.identity, section, settings.resume == "force")
-            model.load_state_dict(weights)
-            optimizer.load_state_dict(state["optimizer"])
             session.scheduler.load_state_dict(state["scheduler"])
             session.batcher.load_state_dict(state["batcher"])
             restore_rng_state(state["rng"])
@@ -199,25 +209,32 @@ class TrainingSession:
             logger.info("resumed %s from %s at step %d", stage, latest, session.start_step)
         elif settings.resume:
             logger.info("%s.resume is set but there is no complete checkpoint yet: starting at step 0", stage)
-        session.sync = make_replica_sync(model, ctx)  # DDP broadcasts rank 0's weights; all ranks resumed alike
 
         tracker.log_config(logged_cfg)
         tracker.set_tags({"refine.data_fingerprint": data_tag or "", "refine.resumed_from": str(latest)})
         tracker.log_params({"model.num_parameters": model.num_parameters(), "data.train_docs": len(train_set)})
         return session
 
-    def _readable_checkpoint(self) -> tuple[Path | None, dict[str, Any], dict[str, torch.Tensor]]:
-        """The newest complete checkpoint that can be read, with its trainer state and weights.
+    def _resume_from_checkpoint(self, section: str) -> tuple[Path | None, dict[str, Any]]:
+        """Load the newest complete checkpoint that can be read into the model and optimizer; its trainer state.
 
         A newest checkpoint that cannot be read (a disk fault after it was marked complete, a truncated file) is
-        skipped with a warning for the one before it; if none can be read, the run stops naming them.
+        skipped with a warning for the one before it; if none can be read, the run stops naming them. Every rank
+        reads the same checkpoint; the model and optimizer tensors come through ``torch.distributed.checkpoint``,
+        resharded to this run's ranks (:mod:`refine_core.training.sharded_state`), whatever number of ranks saved.
         """
         complete = self.checkpoints.list_complete()
         failures = []
         for path in reversed(complete):
             try:
-                return path, self.checkpoints.load_trainer_state(path), read_state_dict(path)
-            except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
+                state = self.checkpoints.load_trainer_state(path)
+                check_resume(path, state.get("run_identity"), self.identity, section, self.settings.resume == "force")
+                self._load_model_and_optimizer(path, state)
+                return path, state
+            except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError,
+                    CheckpointException) as exc:  # DCP reports a rank's unreadable file as CheckpointException
+                if isinstance(exc, ConfigError):
+                    raise  # another run's checkpoint, or an old-format one under FSDP: not a damaged file
                 failures.append(f"{path.name} ({type(exc).__name__}: {str(exc)[:120]})")
                 logger.warning("checkpoint %s cannot be read (%s); trying the one before it", path, exc)
         if failures:
@@ -225,7 +242,21 @@ class TrainingSession:
                 f"no checkpoint of {self.checkpoints.root} can be read: {'; '.join(failures)}. Start afresh with "
                 "overwrite=true or restore the checkpoints from a backup."
             )
-        return None, {}, {}
+        return None, {}
+
+    def _load_model_and_optimizer(self, path: Path, state: dict[str, Any]) -> None:
+        if has_sharded_state(path):
+            load_sharded_state(self.model, self.optimizer, path, state["optimizer_param_groups"])
+            return
+        # A checkpoint written before the DCP format (model.safetensors + the optimizer's state_dict in
+        # trainer_state.pt) still resumes where the whole model lives on every rank (one process, DDP).
+        if isinstance(self.sync, FSDPSync):
+            raise ConfigError(
+                f"{path} is an older checkpoint (model.safetensors, no {STATE_DIR}/): it resumes only without FSDP. "
+                "Resume it once with parallel=ddp; its next checkpoints are in the resharding format."
+            )
+        self.model.load_state_dict(read_state_dict(path))
+        self.optimizer.load_state_dict(state["optimizer"])
 
     def eta(self, step: int) -> str:
         """`` | eta 3m07s``: the time left at this run's mean step time (empty before the first step)."""
@@ -251,23 +282,36 @@ class TrainingSession:
     def save(self, step: int, extra: dict[str, Any] | None = None) -> Path:
         """Atomic checkpoint of everything needed to continue at ``step`` (``extra`` must be weights_only-safe).
 
-        Data-parallel: rank 0 writes (all ranks hold the same weights, optimizer state and data position) and
-        every rank waits at a barrier until the checkpoint is complete.
+        The model and optimizer state go through ``torch.distributed.checkpoint``
+        (:mod:`refine_core.training.sharded_state`). FSDP: every rank writes its shards into one directory (on
+        storage all ranks share), then rank 0 writes the rest (all ranks hold the same scheduler, data position and
+        RNG state) and commits. One process and DDP: rank 0 writes everything. Every rank returns once the
+        checkpoint is complete.
         """
-        if not self.sync.is_main:
+        sharded = self.sync.sharded
+        if not sharded and not self.sync.is_main:  # DDP: rank 0's replicated state is complete; it writes alone
             self.sync.barrier()
             return self.checkpoints.root / step_dir_name(step)
+        tensors, param_groups = sharded_state(self.model, self.optimizer)
         state = {
             "step": step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer_param_groups": param_groups,
             "scheduler": self.scheduler.state_dict(),
             "batcher": self.batcher.state_dict(),
             "rng": capture_rng_state(),
             "run_identity": dict(self.identity),
             **(extra or {}),
         }
-        path = self.checkpoints.save(step, lambda d: save_pretrained(self.model, d, tokenizer=self.tokenizer), state)
-        if self.cfg.tracking.log_checkpoints:
+
+        def write(directory: Path) -> None:
+            write_sharded_state(tensors, directory, collective=sharded)
+            if self.sync.is_main:  # the architecture (and tokenizer), so that a checkpoint says what it holds
+                config = json.dumps(self.model.config.to_dict(), indent=2, sort_keys=True)
+                (directory / "config.json").write_text(config)
+                self.tokenizer.save_pretrained(directory)
+
+        path = self.checkpoints.save(step, write, state, ranks=self.sync if sharded else None)
+        if self.cfg.tracking.log_checkpoints and self.sync.is_main:
             self.tracker.log_artifacts(path, artifact_path=f"checkpoints/{path.name}")
         self.sync.barrier()
         return path
@@ -277,9 +321,11 @@ class TrainingSession:
         self.save(step)
         if step < self.settings.steps:
             return self.model_dir  # stopped early on purpose (stop_after): the checkpoint is what counts
+        weights = self.sync.full_state_dict(self.model)  # collective: FSDP gathers its shards onto rank 0
         if self.sync.is_main:  # swapped in whole: a crash while exporting leaves no half-written model/
             write_directory_atomically(
-                self.model_dir, lambda d: save_pretrained(self.model, d, tokenizer=self.tokenizer)
+                self.model_dir,
+                lambda d: save_pretrained(self.model, d, tokenizer=self.tokenizer, state_dict=weights),
             )
             self.tracker.log_model(self.model_dir)  # an MLflow pyfunc Model holding the HF files
         self.sync.barrier()  # the exported model exists before any rank returns it
@@ -364,11 +410,18 @@ class TrainingSession:
         was_training = self.model.training
         self.model.eval()
         total, count, correct, first_correct, scored = 0.0, 0, 0, 0, 0
-        for index, batch in enumerate(iter_eval_batches(
+        batches = list(iter_eval_batches(
             self.eval_set, self.settings.micro_batch_size, self.tokenizer.pad_token_id, self.settings.eval_max_docs
-        )):
-            if index % self.sync.world_size != self.sync.rank:
-                continue  # another rank evaluates this batch
+        ))
+        world, rank = self.sync.world_size, self.sync.rank
+        for first in range(0, len(batches), world):  # rank r evaluates batch first + r of each round
+            if first + rank >= len(batches):
+                if self.sync.lockstep:  # FSDP: every rank's forward all-gathers, so all ranks must run one
+                    with self.autocast():
+                        self.model(batches[first].input_ids.to(self.device),
+                                   attention_mask=batches[first].attention_mask.to(self.device), return_logits=False)
+                continue
+            batch = batches[first + rank]
             ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
             with self.autocast():
                 hidden = self.model(ids, attention_mask=mask, return_logits=False).hidden_states

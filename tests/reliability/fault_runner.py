@@ -74,6 +74,18 @@ def arm(point: str, n: int) -> None:
             return save_file(tensors, filename, *args, **kwargs)
 
         hub.save_file = full_disk
+
+        # Checkpoint weights are written by torch.distributed.checkpoint: its writer counts as one weights file.
+        from refine_core.training import sharded_state
+
+        class FullDiskWriter(sharded_state.FileSystemWriter):
+            def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
+                count[0] += 1
+                if count[0] == n:
+                    raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+                return super().write_data(plan, planner)
+
+        sharded_state.FileSystemWriter = FullDiskWriter
     else:
         raise SystemExit(f"unknown fault point {point!r}")
 

@@ -100,7 +100,7 @@ def test_resume_falls_back_past_a_corrupt_newest_checkpoint(tmp_path, prepared, 
     assert ntp(tmp_path, prepared, "ntp.steps=4", "ntp.stop_after=4") == 0  # checkpoints at steps 2 and 4
     checkpoints = CheckpointManager(tmp_path / "train-ntp" / "checkpoints", keep=2)
     newest = checkpoints.latest()
-    weights = newest / "model.safetensors"
+    weights = newest / "state" / "__0_0.distcp"  # the model and optimizer tensors (torch.distributed.checkpoint)
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated after it was marked complete
     capsys.readouterr()
     assert ntp(tmp_path, prepared, "ntp.steps=4", "ntp.resume=true") == 0
