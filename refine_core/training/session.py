@@ -383,6 +383,8 @@ class TrainingSession:
             self.tracker.log_metrics(metrics, step=step)
             raise
         metrics["train/skipped_steps_total"] = float(guard.skipped_total)
+        if self.device.type == "cuda":  # this rank's high-water mark of allocated memory so far (FSDP: its shards)
+            metrics["system/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         every = getattr(settings, "eval_every", 0)
         if (every and step % every == 0) or step == settings.steps:
             metrics.update(self.eval_metrics())
