@@ -27,8 +27,9 @@ rounding). Rank 0 logs the global means and writes the checkpoints, which resume
 Command line::
 
     refine post-train --config configs/tiny-posttrain.yaml post.mode=nested_refine
-    torchrun --nproc_per_node=4 -m refine_core post-train --config configs/tiny-posttrain.yaml   # data-parallel
-    torchrun --nproc_per_node=4 -m refine_core post-train --config configs/tiny-posttrain.yaml post.resume=true
+    torchrun --nproc_per_node=4 -m refine_core post-train --config configs/delta_net-1.3b-post-train.yaml
+    torchrun --nproc_per_node=4 -m refine_core post-train --config configs/delta_net-1.3b-post-train.yaml \
+        post.resume=true   # continue from the newest checkpoint, with any number of processes
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ Under ``torchrun --nproc_per_node N`` (``N`` > 1):
 Command line::
 
     refine ttt --config configs/tiny-eval.yaml model.source=... ttt.method=refine ttt.mode=reset
-    torchrun --nproc_per_node=4 -m refine_core ttt --config configs/tiny-eval.yaml model.source=... ttt.mode=reset
+    torchrun --nproc_per_node=4 -m refine_core ttt --config configs/delta_net-1.3b-ttt-longbench.yaml ttt.mode=reset
 """
 
 from __future__ import annotations
