@@ -26,7 +26,7 @@ rounding). Rank 0 logs the global means and writes the checkpoints, which resume
 
 Command line::
 
-    refine post-train --config configs/tiny-posttrain.yaml post.mode=nested_refine
+    refine post-train --config configs/delta_net-1.3b-post-train.yaml post.mode=nested_refine
     torchrun --nproc_per_node=4 -m refine_core post-train --config configs/delta_net-1.3b-post-train.yaml
     torchrun --nproc_per_node=4 -m refine_core post-train --config configs/delta_net-1.3b-post-train.yaml \
         post.resume=true   # continue from the newest checkpoint, with any number of processes
@@ -152,7 +152,8 @@ def sft_step(
                 part = sync.forward(
                     _answer_loss_sum, model, ids.to(model.device), mask.to(model.device), labels.to(model.device)
                 )
-            # A stand-in pass adds exact zeros to the gradients (its loss weight is 0).
+            # A stand-in pass adds exact zeros to the gradients (its loss weight is 0; its example is one of
+            # this batch's, so its loss is finite whenever the step's is).
             sync.scale(coef * part / total if real else part * 0.0).backward()
         if real:
             loss_sum += float(part.detach())

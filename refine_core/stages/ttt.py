@@ -28,7 +28,7 @@ Under ``torchrun --nproc_per_node N`` (``N`` > 1):
 
 Command line::
 
-    refine ttt --config configs/tiny-eval.yaml model.source=... ttt.method=refine ttt.mode=reset
+    refine ttt --config configs/delta_net-1.3b-ttt-longbench.yaml ttt.method=refine ttt.mode=reset
     torchrun --nproc_per_node=4 -m refine_core ttt --config configs/delta_net-1.3b-ttt-longbench.yaml ttt.mode=reset
 """
 
