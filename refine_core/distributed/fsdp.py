@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from refine_core.distributed.ddp import DDPSync, DistributedContext
 
@@ -101,6 +102,9 @@ class FSDPSync(DDPSync):
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(tensor, src=0)
+        # The dtype the blocks compute with: bf16 under the policy, else the parameters' own (float32 on CPU).
+        self.compute_dtype = policy.param_dtype if policy else next(model.parameters()).dtype
+        self._replica: nn.Module | None = None  # see local_model
         self.root = shard_model(model, policy)
         logger.info("FSDP2: %d blocks + root sharded over %d ranks (mixed precision: %s)",
                     len(model.model.layers), ctx.world_size, "bf16/fp32" if policy else "off")
@@ -134,3 +138,53 @@ class FSDPSync(DDPSync):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(model, options=options)
         return state if self.is_main else {}
+
+    def local_model(self, model: nn.Module) -> nn.Module:
+        # One persistent replica, refreshed in place: its tensors keep their addresses, so the CUDA-graph decode
+        # steps captured for it (refine_core.models.decoding) stay valid from step to step.
+        if self._replica is None:
+            self._replica = _empty_replica(model, self.ctx.device, self.compute_dtype)
+        _gather_into(model, self._replica)
+        return self._replica.train(model.training)
+
+    def frozen_copy(self, model: nn.Module) -> nn.Module:
+        # FSDP modules cannot be deep-copied; a separate replica with the gathered weights is the frozen copy.
+        replica = _empty_replica(model, self.ctx.device, self.compute_dtype)
+        _gather_into(model, replica)
+        return replica.eval()
+
+
+def _empty_replica(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A plain (unsharded, hook-free) model of ``model``'s architecture on ``device`` in ``dtype``, uninitialised.
+
+    Built on the meta device first, so no initialisation runs and no second full fp32 copy is ever allocated.
+    """
+    from refine_core.models import build_model  # models do not depend on distributed; imported where needed
+
+    with torch.device("meta"):
+        replica = build_model(model.config).to(dtype)  # on meta: a dtype change allocates nothing
+    replica = replica.to_empty(device=device).requires_grad_(False)
+    if getattr(model.config, "tie_word_embeddings", False):  # to_empty gives each module its own new tensor
+        replica.lm_head.weight = replica.model.embeddings.weight
+    ours = [name for name, _ in replica.named_parameters()]
+    theirs = [name for name, _ in model.named_parameters()]
+    if ours != theirs:  # e.g. a model class this module does not know; never copy into the wrong tensors
+        raise TypeError(f"cannot mirror {type(model).__name__}: parameters {theirs[:3]}... vs {ours[:3]}...")
+    return replica
+
+
+@torch.no_grad()
+def _gather_into(model: nn.Module, replica: nn.Module) -> None:
+    """Copy ``model``'s full current weights into ``replica`` (collective: one all-gather per sharded parameter).
+
+    A parameter is a ``DTensor`` shard, or a plain tensor while its unit is unsharded (the root after a forward);
+    either way the copy is the value FSDP computes with: the fp32 shard cast to ``replica``'s dtype is exactly
+    FSDP's bf16 all-gather under the mixed-precision policy. Every rank iterates the parameters in the same order.
+    """
+    targets = dict(replica.named_parameters())
+    for name, param in model.named_parameters():
+        full = param.full_tensor() if isinstance(param, DTensor) else param
+        targets[name].copy_(full)
+    buffers = dict(replica.named_buffers())
+    for name, buffer in model.named_buffers():  # buffers are not sharded: every rank holds them whole
+        buffers[name].copy_(buffer)
