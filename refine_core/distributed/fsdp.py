@@ -66,8 +66,15 @@ def shard_model(model: nn.Module, mp_policy: MixedPrecisionPolicy | None = None)
     blocks = getattr(getattr(model, "model", None), "layers", None)
     if blocks is None:
         raise TypeError(f"{type(model).__name__} has no model.layers to shard; FSDP needs a FastWeightForCausalLM.")
+    # fully_shard replaces every parameter by a new DTensor parameter, which drops attributes set on the old one;
+    # keep the ``_no_weight_decay`` flag (GatedDeltaNet's A_log / dt_bias) that build_optimizer reads, so the
+    # AdamW groups are those of an unsharded run whatever the flagged parameters' shapes.
+    no_decay = {name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
     units = [fully_shard(block, **kwargs) for block in blocks]
     root = fully_shard(model, **kwargs)
+    for name, param in model.named_parameters():
+        if name in no_decay:
+            param._no_weight_decay = True  # type: ignore[attr-defined]
     for unit in [*units, root]:  # these setters act on one module's own parameter group, not its children's
         # Sum, not mean, over ranks: the loops already divide by the global token count (module docstring).
         unit.set_gradient_divide_factor(1.0)

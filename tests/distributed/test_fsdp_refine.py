@@ -1,8 +1,8 @@
 """REFINE mid-training (``train-refine``) under FSDP2 and real ``torchrun`` (gloo, CPU) equals DDP and one process.
 
 Both rollout engines: ``branch`` (the default; its first mini-batch samples inside its own policy pass, the second
-from a separate no-grad pass, so both paths run) and ``faithful`` (here with the KL option and activation
-checkpointing, which the FSDP blocks must compose with). Two ranks split each mini-batch of 6 documents into
+from a separate no-grad pass, so both paths run) on DeltaNet, and ``faithful`` on GatedDeltaNet with the KL option
+and activation checkpointing, which the FSDP blocks must compose with. Two ranks split each mini-batch of 6 documents into
 micro-batches of 2 + 1 documents, three ranks into one of 2, one process into three of 2.
 
 Tolerances: float32 on CPU. The runs add the same per-document gradients in another order (per rank, then across
@@ -53,7 +53,14 @@ REFINE = [
     "refine.save_every=1",
     "tracking.backend=none",
 ]
-FAITHFUL = ["refine.engine=faithful", "refine.kl_coef=0.05", "model.gradient_checkpointing=true"]
+# GatedDeltaNet, the other fla mixer (gates with their own per-head parameters).
+FAITHFUL = [
+    "refine.engine=faithful",
+    "refine.kl_coef=0.05",
+    "model.gradient_checkpointing=true",
+    "model.arch=gated_deltanet",
+    "model.config={hidden_size: 32, num_hidden_layers: 2, num_heads: 2, head_dim: 16, expand_v: 1.0}",
+]
 # Measured (max over the runs below): relative 4e-8 for the NTP loss, 1e-7 for the gradient norm, 2e-6 for the KL;
 # eval/loss equal. The PPO loss and the mean reward are means of signed terms of size about 1 (normalised
 # advantages, cosines) that nearly cancel (the PPO loss is about 5e-4), so theirs is absolute: measured 1.4e-7 and
