@@ -26,6 +26,25 @@ the global token count, and the update equals the single-process one. What diffe
   ``torch.utils.checkpoint`` (non-reentrant), so a recomputation re-enters the block's FSDP pre-forward hook and
   all-gathers it again, the layering torch's FSDP2 examples use (checkpoint inside the sharded unit).
 
+REFINE (``train-refine``, :mod:`refine_core.training.refine_step`) runs more than one kind of forward per step:
+
+* FSDP2 needs every rank to enter the same collectives in the same order, i.e. to run the same forwards. The passes
+  with gradients do (equal documents per rank, checked each step). The no-grad passes do not: the entropy pass and
+  the rollout sampling run over each rank's own documents and decoding may stop at EOS. They run on
+  :meth:`FSDPSync.local_model`, an unsharded, hook-free replica of the model refreshed from the shards at the start
+  of each step (one ``DTensor.full_tensor`` all-gather per parameter, in the compute dtype, so it computes exactly
+  what the sharded blocks compute). Its cost is one full copy of the weights per rank (2.6 GB in bf16 at 1.3B),
+  allocated once and kept, so that CUDA-graph decode steps captured for it stay valid. The alternative, unsharding
+  the FSDP model itself with ``reshard_after_forward`` off for the no-grad phase, still runs FSDP's forward hooks,
+  which record every forward (a different number per rank) in the order that the next backward prefetches from;
+  keeping FSDP out of the no-grad phase altogether leaves nothing rank-dependent in its state.
+* The ``branch`` engine's grad pass calls every block twice (the documents, then the rollout tokens from the cut
+  states): each block is all-gathered and reduce-scattered once per call (the second reduce-scatter adds into the
+  sharded gradient). The second call skips the *root's* hooks (:func:`refine_core.algorithm.rollout.continue_pass`),
+  or FSDP would reduce and free ``lm_head`` before the first call's uses of it are differentiated.
+* The KL option's frozen reference is :meth:`FSDPSync.frozen_copy`, another gathered replica (FSDP modules cannot
+  be deep-copied).
+
 Checkpoints go through ``torch.distributed.checkpoint`` (:mod:`refine_core.training.sharded_state`): every rank
 writes its own shards, and a checkpoint saved with ``W`` ranks loads with any number of ranks, DDP or FSDP.
 """
@@ -34,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -113,6 +133,12 @@ class FSDPSync(DDPSync):
         self.compute_dtype = policy.param_dtype if policy else next(model.parameters()).dtype
         self._replica: nn.Module | None = None  # see local_model
         self.root = shard_model(model, policy)
+        # The branch engine's cut states are views (rows of each layer's state stack) returned by the blocks and the
+        # root. FSDP2 warns once per module because an in-place op on such a view would drop its pre-backward hook;
+        # nothing writes into them in place (the REFINE tests compare FSDP's gradients with DDP's and one process's).
+        warnings.filterwarnings(
+            "ignore", message=r"FSDP2-wrapped module \(FSDP(FastWeightForCausalLM|FastWeightBlock)\) returned a view"
+        )
         logger.info("FSDP2: %d blocks + root sharded over %d ranks (mixed precision: %s)",
                     len(model.model.layers), ctx.world_size, "bf16/fp32" if policy else "off")
 

@@ -9,12 +9,14 @@ per mini-batch on ``c_ntp · NTP + c_nsp · PPO``. The learning-rate scheduler s
 Sampling is seeded per (seed, step, document), so a resumed run follows the uninterrupted trajectory exactly, and
 under ``torchrun`` (each rank takes documents ``r, r + W, ...`` of the batch, :mod:`refine_core.distributed.ddp`)
 a document draws the same positions and rollouts on whichever rank it lands. Logged metrics are averaged over ranks.
+``parallel: fsdp`` shards the model with FSDP2 instead of replicating it (:mod:`refine_core.distributed.fsdp`).
 
 Command line::
 
     refine prepare-data --config configs/tiny-refine.yaml
     refine train-refine --config configs/tiny-refine.yaml
     refine train-refine --config configs/tiny-refine.yaml refine.nsp_update=false   # the NTP-only baseline
+    torchrun --nproc_per_node=2 -m refine_core train-refine --config configs/tiny-refine.yaml parallel=fsdp
 """
 
 from __future__ import annotations

@@ -26,6 +26,13 @@ groups never span documents (``grouping`` is per document or per position), so t
 the other ranks. In step 6 the token counts of each mini-batch are summed over ranks, the loss is scaled by the
 number of ranks (DDP averages gradients) and the gradients are all-reduced once per optimizer step, so the update
 equals the single-process one on the whole batch.
+
+FSDP2 (``parallel: fsdp``, :mod:`refine_core.distributed.fsdp`): the same, except that the reduce-scatter sums (no
+scaling), that every rank must run the same forwards in the same order (each all-gathers weights), and that the
+model's parameters are shards. So steps 0-3 (no grad) run on ``sync.local_model(model)``, an unsharded replica with
+the step's starting weights whose forwards need no collectives (the model itself without FSDP); the fused sampling
+decodes with it too. The grad passes of step 6 use the sharded model; there is one per micro-batch and every rank
+has the same number of documents (checked), hence of micro-batches.
 """
 
 from __future__ import annotations

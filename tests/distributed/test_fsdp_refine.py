@@ -2,8 +2,8 @@
 
 Both rollout engines: ``branch`` (the default; its first mini-batch samples inside its own policy pass, the second
 from a separate no-grad pass, so both paths run) on DeltaNet, and ``faithful`` on GatedDeltaNet with the KL option
-and activation checkpointing, which the FSDP blocks must compose with. Two ranks split each mini-batch of 6 documents into
-micro-batches of 2 + 1 documents, three ranks into one of 2, one process into three of 2.
+and activation checkpointing, which the FSDP blocks must compose with. Two ranks split each mini-batch of 6
+documents into micro-batches of 2 + 1 documents, three ranks into one of 2, one process into three of 2.
 
 Tolerances: float32 on CPU. The runs add the same per-document gradients in another order (per rank, then across
 ranks; FSDP's gradient norm is a sum of per-shard squares), so they agree to float32 rounding, not bitwise. Weights
