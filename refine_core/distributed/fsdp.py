@@ -20,8 +20,9 @@ the global token count, and the update equals the single-process one. What diffe
   (``set_requires_gradient_sync(False)``, FSDP2's ``no_sync``): the unsharded gradients accumulate locally and the
   last micro-batch reduces their sum once.
 * With bf16 (``precision: bf16``, or ``auto`` on CUDA) the blocks compute with bf16 copies of the fp32 sharded
-  parameters and reduce gradients in fp32 (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``); the
-  optimizer updates the fp32 shards. On CPU runs are fp32 and no policy is set.
+  parameters and reduce gradients in fp32 (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, inputs
+  left as they come, under the run's bf16 autocast); the optimizer updates the fp32 shards. CPU runs are fp32 and
+  set no policy unless ``precision: bf16``.
 * Activation checkpointing (``model.gradient_checkpointing``) composes: the model wraps each block *call* in
   ``torch.utils.checkpoint`` (non-reentrant), so a recomputation re-enters the block's FSDP pre-forward hook and
   all-gathers it again, the layering torch's FSDP2 examples use (checkpoint inside the sharded unit).
@@ -123,7 +124,12 @@ class FSDPSync(DDPSync):
         self.world_size = ctx.world_size
         policy = None
         if uses_bf16(precision, ctx.device):
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            # cast_forward_inputs off: a block then gets what it gets without FSDP under bf16 autocast. The default
+            # would round every float input to bf16, among them the float32 recurrent state that REFINE's branch
+            # engine passes into its continuation (the hidden states are bf16 from the bf16 embeddings anyway).
+            policy = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+            )
         # DDP broadcasts rank 0's weights when it wraps; fully_shard keeps each rank's own slice, so broadcast first
         # (the ranks built the same weights from the same seed or files; this makes sure of it).
         with torch.no_grad():

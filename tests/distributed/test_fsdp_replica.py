@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
+from refine_core.algorithm.rollout import continue_pass
 from refine_core.distributed.ddp import DDPSync, DistributedContext
 from refine_core.distributed.fsdp import FSDPSync
 from tests.models.tiny import tiny_model
@@ -66,6 +67,29 @@ def _check_replica(ctx: DistributedContext, arch: str, overrides: dict) -> None:
         assert torch.equal(p, before[name]), name
 
 
+def _check_bf16_branch_pass(ctx: DistributedContext) -> None:
+    """Mixed precision (bf16 compute, fp32 shards): the branch engine's two calls on the sharded model (the
+    documents with cuts, then the rollout tokens from the cut states) compute, bitwise, what the bf16 replica
+    computes; in particular the float32 recurrent state enters the continuation's blocks as float32, as it does
+    without FSDP (FSDP's default ``cast_forward_inputs`` would round it to bf16). Both without gradients: with them
+    the delta rule takes another (differentiable) route, on any model."""
+    model = tiny_model("delta_net", dtype=torch.float32).train()
+    sync = FSDPSync(model, ctx, precision="bf16")
+    replica = sync.local_model(model)
+    assert all(p.dtype == torch.bfloat16 for p in replica.parameters())
+    gen = torch.Generator().manual_seed(ctx.rank)
+    ids, y = torch.randint(2, 90, (2, 40), generator=gen), torch.randint(2, 90, (4, 3), generator=gen)
+    cuts = torch.tensor([[10, 20], [15, 30]])
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = model(ids, cuts=cuts, return_logits=False)
+        cont = continue_pass(model, y, out.cut_cache)
+        ref = replica(ids, cuts=cuts, return_logits=False)
+        ref_cont = replica(y, cache=ref.cut_cache)
+    assert out.cut_cache.layers[0].recurrent_state.dtype == torch.float32
+    assert torch.equal(out.hidden_states, ref.hidden_states)
+    assert torch.equal(cont.logits, ref_cont.logits)
+
+
 def _worker(rank: int, store: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
@@ -75,6 +99,7 @@ def _worker(rank: int, store: str) -> None:
         torch.set_num_threads(1)
         for arch, overrides in CASES:
             _check_replica(ctx, arch, overrides)
+        _check_bf16_branch_pass(ctx)
 
         sync = DDPSync(torch.nn.Linear(2, 2), ctx)
         sync.check_same(6, "the number of documents")  # equal everywhere: passes
