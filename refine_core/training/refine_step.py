@@ -31,8 +31,8 @@ FSDP2 (``parallel: fsdp``, :mod:`refine_core.distributed.fsdp`): the same, excep
 scaling), that every rank must run the same forwards in the same order (each all-gathers weights), and that the
 model's parameters are shards. So steps 0-3 (no grad) run on ``sync.local_model(model)``, an unsharded replica with
 the step's starting weights whose forwards need no collectives (the model itself without FSDP); the fused sampling
-decodes with it too. The grad passes of step 6 use the sharded model; there is one per micro-batch and every rank
-has the same number of documents (checked), hence of micro-batches.
+decodes with it too (``time/gather_s`` is the replica's refresh). The grad passes of step 6 use the sharded model;
+there is one per micro-batch and every rank has the same number of documents (checked), hence of micro-batches.
 """
 
 from __future__ import annotations
