@@ -22,7 +22,7 @@ rounding). Rank 0 logs the global means and writes the checkpoints, which resume
   reduce-scatter (FSDP) of the step. It also runs under ``parallel: fsdp``.
 * The nested modes need ``post.batch_size`` and their inner mini-batch (``min(refine.mini_batch_size,
   post.batch_size)``) to be multiples of ``W``: the inner step splits every mini-batch evenly over the ranks. They
-  refuse ``parallel: fsdp`` for now (their inner step is not FSDP-aware yet; see :func:`check_data_parallel`).
+  run under ``parallel: fsdp`` as train-refine does (:mod:`refine_core.distributed.fsdp`).
 
 Command line::
 
@@ -167,14 +167,6 @@ def check_data_parallel(cfg: RunConfig, world_size: int) -> None:
     post = cfg.post
     if world_size == 1 or post.mode == "sft":
         return  # task SFT takes any split, DDP or FSDP
-    if cfg.parallel == "fsdp":
-        # The inner step (refine_core.training.refine_step) uses lm_head's weight across several forwards and
-        # backwards (rollouts, fused sampling), which FSDP2 frees (reshards) between them: train-refine refuses
-        # parallel=fsdp for the same reason. Lift this when refine_step is FSDP-aware.
-        raise ConfigError(
-            f"post.mode={post.mode} does not support parallel=fsdp yet: its inner step (refine_step) is not "
-            "FSDP-aware. Use parallel=ddp for the nested modes, or post.mode=sft, which runs under FSDP."
-        )
     mini = min(cfg.refine.mini_batch_size, post.batch_size)
     if post.batch_size % world_size or mini % world_size:
         raise ConfigError(

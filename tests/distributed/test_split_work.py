@@ -45,14 +45,13 @@ def _post_cfg(tmp_path, *extra):
                               "tracking.backend=none", *extra])
 
 
-def test_post_train_nested_modes_refuse_fsdp_and_uneven_splits(tmp_path, monkeypatch):
+def test_post_train_nested_modes_refuse_uneven_splits(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     nested = ("post.mode=nested_refine", "post.batch_size=6", "refine.batch_size=6", "refine.mini_batch_size=3",
               "refine.micro_batch_size=1")
-    check_data_parallel(_post_cfg(tmp_path, *nested), 3)  # even: accepted
+    check_data_parallel(_post_cfg(tmp_path, *nested), 3)  # even: accepted, under DDP and FSDP
+    check_data_parallel(_post_cfg(tmp_path, *nested, "parallel=fsdp"), 3)
     # Refused before the task files are even looked for (they do not exist here).
-    with pytest.raises(ConfigError, match="does not support parallel=fsdp yet.*post.mode=sft"):
-        post_train(_post_cfg(tmp_path, *nested, "parallel=fsdp"))
     with pytest.raises(ConfigError, match=r"post.batch_size=4 .* multiples of 3.*post.mode=sft"):
         post_train(_post_cfg(tmp_path, "post.mode=nested_sft", "post.batch_size=4", "refine.mini_batch_size=2"))
     with pytest.raises(ConfigError, match=r"min\(refine.mini_batch_size, post.batch_size\) = 2"):

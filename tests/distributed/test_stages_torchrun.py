@@ -136,8 +136,9 @@ def test_post_train_nested_refine_on_two_and_three_ranks_equals_one_process(tmp_
                    f"refine.mini_batch_size={nproc}", "post.steps=2", "post.save_every=1")
     single = post_train(load_config(None, [f"output_dir={tmp_path / 'single'}", *common]))
     assert all(h["refine/optimizer_steps"] == 2 for h in single.history)
-    if nproc == 3:
-        run = torchrun("post-train", [f"output_dir={tmp_path / 'ddp'}", *common], nproc=3)
+    if nproc == 3:  # FSDP: uneven parameter shards, the inner step's replica and the SFT step's collectives
+        run = torchrun("post-train", [f"output_dir={tmp_path / 'ddp'}", *common, "parallel=fsdp"], nproc=3)
+        assert "root sharded over 3 ranks" in run.stdout
         assert _sft_losses(run.stdout) == pytest.approx(_history(single), abs=1e-4)
         assert "| reward " in run.stdout
         final = _model(tmp_path / "ddp", "nested_refine")
