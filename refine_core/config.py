@@ -507,7 +507,8 @@ class RunConfig:
     # the ranks (FSDP2 ``fully_shard`` per decoder block; bf16 compute with fp32 gradient reduce when precision is
     # bf16; train-ntp, train-refine, whose no-grad rollout passes use one extra unsharded copy of the weights per
     # rank, and post-train; ttt, which keeps a whole model per rank, refuses it). Checkpoints of either resume with
-    # the other and with any number of processes. One process: no effect.
+    # the other and with any number of processes. One process without torchrun: no effect (under torchrun with one
+    # process, fsdp still wraps the model: the same code path as on N GPUs).
     parallel: str = "ddp"
     # Where a training stage also publishes its final model and summary when it completes
     # (``{export_uri}/model/`` and ``{export_uri}/result.json``): an ``s3://`` prefix or a directory on a shared

@@ -89,6 +89,11 @@ def is_distributed_launch() -> bool:
     return env_world_size() > 1
 
 
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or a Trainer runtime) started this process, whatever the number of ranks."""
+    return all(name in os.environ for name in _TORCHRUN_ENV)
+
+
 def get_rank() -> int:
     """This process's global rank: from the process group when there is one, else ``$RANK`` (0 when unset)."""
     if dist.is_available() and dist.is_initialized():
@@ -380,12 +385,16 @@ def make_replica_sync(
 ) -> ReplicaSync:
     """The :class:`ReplicaSync` of a run: the identity in one process, else DDP or FSDP2 (``RunConfig.parallel``).
 
+    ``parallel="fsdp"`` under torchrun applies FSDP2 even with one process: it has nothing to shard there, but the
+    run takes the same code path, mixed-precision policy and replica as on N GPUs (the one-GPU check of the FSDP path,
+    and its memory cost, measured by ``bench/bench_distributed.py``). DDP with one process is the plain model.
+
     FSDP shards ``model`` in place (its parameters become ``DTensor`` shards), so the optimizer must be built
     from ``model.parameters()`` after this call.
     """
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel={parallel!r}; use one of {', '.join(PARALLEL_MODES)}.")
-    if ctx is None or ctx.world_size == 1:
+    if ctx is None or (ctx.world_size == 1 and parallel != "fsdp"):
         return ReplicaSync()
     if parallel == "fsdp":
         from refine_core.distributed.fsdp import FSDPSync  # fsdp imports this module

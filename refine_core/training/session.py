@@ -35,6 +35,7 @@ from refine_core.distributed.ddp import (
     barrier,
     init_distributed,
     is_distributed_launch,
+    launched_by_torchrun,
     make_replica_sync,
 )
 from refine_core.distributed.fsdp import FSDPSync
@@ -135,7 +136,8 @@ class TrainingSession:
         tracker = tracker or NullTracker()
         check_model_section(cfg)  # a bad architecture is refused before any data or weights are read
         ctx = None
-        if is_distributed_launch():
+        # FSDP joins a process group even with one torchrun process: the same path as on N GPUs (make_replica_sync).
+        if is_distributed_launch() or (cfg.parallel == "fsdp" and data_parallel and launched_by_torchrun()):
             if not data_parallel:
                 raise ValueError(
                     f"{stage} does not support data-parallel runs yet; run it as a single process (without torchrun "

@@ -82,6 +82,11 @@ def test_fsdp_equals_ddp_and_one_process(tmp_path, prepared):
     assert _losses(fsdp.stdout) == pytest.approx(single_losses, abs=1e-4)
     assert len(single_losses) == 4
 
+    # One process under torchrun still takes the FSDP path (what the one-GPU device run checks), to the same result.
+    one = torchrun("train-ntp", [f"output_dir={tmp_path / 'fsdp1'}", "parallel=fsdp", *common], nproc=1)
+    assert "FSDP2: 2 blocks + root sharded over 1 ranks" in one.stdout
+    assert_same_weights(single_w, weights(tmp_path / "fsdp1" / "train-ntp" / "model"))
+
 
 def test_checkpoint_of_two_ranks_resumes_with_one_and_three(tmp_path, prepared):
     common = [f"data.prepared_dir={prepared}", *NTP]
