@@ -11,8 +11,9 @@ The trainers checkpoint to a location that depends only on the KFP run and task 
 retry of this task (or of the job) continues from the last committed checkpoint. When the job ends the launcher
 deletes what it staged (the checkpoints only after a success), unless ``keep_staged``.
 
-Resources: this pod's own come from the task (``set_cpu_request`` ..., ``trainjob.launcher`` of the config); each
-trainer node's are ``node_resources`` (``resourcesPerNode``). The task's tolerations and node selector are not
+Resources: this pod's own come from the task (``set_cpu_request`` ..., ``trainjob.launcher`` of the config;
+declared as a RESOURCES passthrough applied to this task, and not copied into the job); each trainer node's are
+``node_resources`` (``resourcesPerNode``). The task's tolerations and node selector are not
 applied to this pod: KFP passes them through (``task_config_passthroughs``, mlops-notes §2.3) and
 :mod:`refine_core.distributed.trainjob` copies them into the TrainJob. Env and volumes apply to both. The pod needs
 the ``refine-launcher`` service account (``manifests/base/launcher``; ``refine pipeline submit --service-account
@@ -29,6 +30,9 @@ from components._image import REFINE_CPU_IMAGE
     base_image=REFINE_CPU_IMAGE,
     install_kfp_package=False,
     task_config_passthroughs=[
+        # This pod's own resources: KFP refuses resources on a task whose passthroughs lack them. The nodes' come
+        # from node_resources, so the launcher ignores these (with_task_config(resources=False)).
+        dsl.TaskConfigPassthrough(field=dsl.TaskConfigField.RESOURCES, apply_to_task=True),
         dsl.TaskConfigField.KUBERNETES_TOLERATIONS,
         dsl.TaskConfigField.KUBERNETES_NODE_SELECTOR,
         dsl.TaskConfigPassthrough(field=dsl.TaskConfigField.KUBERNETES_VOLUMES, apply_to_task=True),
@@ -121,7 +125,7 @@ def launch_trainjob(
                 overrides=handover.as_overrides(settings), namespace=namespace or tj.current_namespace(),
                 num_nodes=num_nodes, procs_per_node=procs_per_node, runtime=runtime, active_deadline_s=timeout_s,
                 resources=dict(node_resources) or None,
-            ).with_task_config(task_config)
+            ).with_task_config(task_config, resources=False)
             if tracker.run_id:
                 spec = spec.with_env({"MLFLOW_RUN_ID": tracker.run_id})  # rank 0 logs into this stage run
             status = tj.launch_trainjob(spec, tj.api_client_from_environment(), timeout_s=timeout_s, poll_s=poll_s,

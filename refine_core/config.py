@@ -555,6 +555,14 @@ class PodResources:
 
 
 @dataclass
+class LauncherResources(PodResources):
+    """The TrainJob launcher's own small pod: it stages data, creates and watches the job, copies the model back."""
+
+    cpu: str | None = "1"
+    memory: str | None = "4Gi"
+
+
+@dataclass
 class TrainJobConfig:
     """A training stage run as a Kubeflow Trainer ``TrainJob`` (``refine pipeline ... --nodes N --gpus-per-node G``).
 
@@ -563,7 +571,7 @@ class TrainJobConfig:
     """
 
     # The launcher task's own small pod: it stages data, creates and watches the TrainJob, copies the model back.
-    launcher: PodResources = field(default_factory=lambda: PodResources(cpu="1", memory="4Gi"))
+    launcher: LauncherResources = field(default_factory=LauncherResources)
     # Each trainer node (``resourcesPerNode`` of the TrainJob; the GPUs come from ``--gpus-per-node``). ``None``
     # values: sized from the GPUs, 12 CPUs and 96Gi per GPU (pipelines/_k8s.py MIDTRAIN).
     node: PodResources = field(default_factory=PodResources)

@@ -151,11 +151,13 @@ class TrainJobSpec:
         out.env += [{"name": name, "value": str(value)} for name, value in values.items()]
         return out
 
-    def with_task_config(self, task_config: Any) -> TrainJobSpec:
+    def with_task_config(self, task_config: Any, *, resources: bool = True) -> TrainJobSpec:
         """A copy with the fields of a KFP ``dsl.TaskConfig`` (or anything with its attributes) filled in.
 
         Fields that are ``None`` — all of them in a local ``kfp.local`` run (mlops-notes §2.6 item 6), or those
-        not declared as passthroughs — leave this spec's values alone.
+        not declared as passthroughs — leave this spec's values alone. ``resources=False`` ignores the task's
+        resources: they are the launcher pod's own (KFP wants a RESOURCES passthrough on any task whose component
+        declares passthroughs and sets resources), and the nodes' come from elsewhere.
         """
         out = copy.deepcopy(self)
         if task_config is None:
@@ -170,7 +172,7 @@ class TrainJobSpec:
             ("volume_mounts", "volume_mounts"),
         ):
             value = getattr(task_config, attr, None)
-            if value is not None:
+            if value is not None and (resources or attr != "resources"):
                 setattr(out, target, _json_ints(value))
         return out
 

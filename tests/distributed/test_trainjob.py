@@ -22,7 +22,7 @@ from kfp import dsl
 from kubeflow_trainer_api import models
 from safetensors.torch import load_file
 
-from refine_core.config import load_config
+from refine_core.config import ConfigError, load_config, parse_quantity
 from refine_core.distributed import trainjob as tj
 from refine_core.stages.prepare_data import prepare_data
 from tests.distributed.fake_k8s import ExecutingKubernetes, FakeKubernetes, Scenario, Tick
@@ -151,6 +151,55 @@ def test_bad_objects_are_refused_before_anything_is_created():
         tj.build_trainjob(spec(name="Refine_Job"))
     with pytest.raises(ValueError, match="exactly one"):
         tj.build_trainjob(spec(config_yaml="a: 1"))
+
+
+@pytest.mark.parametrize("text", ["8", "0.5", ".5", "500m", "1k", "64Gi", "512Mi", "1.5G", "100", "3Ti", "2E"])
+def test_quantities_parse_as_kubernetes_parses_them(text):
+    from kubernetes.utils import parse_quantity as reference  # the client library's own parser (a Decimal)
+
+    assert parse_quantity(text, "x") == pytest.approx(float(reference(text)), rel=1e-12)
+
+
+@pytest.mark.parametrize("text", ["", "8 cores", "-1", "1e3", "64GB", "Gi", "0x10", "1.2.3"])
+def test_what_is_not_a_quantity_is_refused_with_the_forms_that_are(text):
+    with pytest.raises(ConfigError, match=r"trainjob\.node\.memory=.*is not a Kubernetes quantity.*'64Gi'"):
+        parse_quantity(text, "trainjob.node.memory")
+
+
+def test_the_trainjob_section_validates_pod_resources_and_renders_them():
+    cfg = load_config(None, ["trainjob.node={cpu: '96', memory: 768Gi, memory_limit: 800Gi}",
+                             "trainjob.launcher.cpu=500m"])
+    assert cfg.trainjob.node.as_kubernetes() == {"requests": {"cpu": "96", "memory": "768Gi"},
+                                                 "limits": {"cpu": "96", "memory": "800Gi"}}
+    assert cfg.trainjob.launcher.as_kubernetes() == {"requests": {"cpu": "500m", "memory": "4Gi"},
+                                                     "limits": {"cpu": "500m", "memory": "4Gi"}}
+    assert load_config(None, []).trainjob.node.as_kubernetes() == {}  # sized from the GPUs by the pipeline
+    for override, message in (
+        ("trainjob.node={memory: 64Gi, memory_limit: 32Gi}", r"memory_limit='32Gi' is below the request"),
+        ("trainjob.launcher.cpu=0", r"trainjob\.launcher\.cpu='0' must be > 0"),
+        ("trainjob.node.cpu=lots", r"trainjob\.node\.cpu='lots' is not a Kubernetes quantity"),
+        ("trainjob.node.cpu_limit=4", r"cpu_limit is set without trainjob\.node\.cpu"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+
+
+def test_node_resources_are_checked_before_the_trainjob_is_built():
+    good = {"requests": {"cpu": "96", "memory": "768Gi", "nvidia.com/gpu": "8"},
+            "limits": {"cpu": 96.0, "memory": "768Gi", "nvidia.com/gpu": 8.0}}
+    body = tj.build_trainjob(spec(resources=good))
+    assert body["spec"]["trainer"]["resourcesPerNode"]["limits"] == {"cpu": "96", "memory": "768Gi",
+                                                                      "nvidia.com/gpu": "8"}
+    assert body["spec"]["trainer"]["numProcPerNode"] == 8
+    for resources, message in (
+        ({"limits": {"nvidia.com/gpu": "1.5"}}, r"nvidia\.com/gpu='1\.5' must be a whole number of GPUs"),
+        ({"requests": {"memory": "64 GB"}}, r"requests\.memory='64 GB' is not a Kubernetes quantity"),
+        ({"requests": {"cpu": "8"}, "limits": {"cpu": "4"}}, r"limits\.cpu is below .*requests\.cpu"),
+        ({"requests": {"nvidia.com/gpu": "4"}, "limits": {"nvidia.com/gpu": "8"}}, "cannot be overcommitted"),
+        ({"limit": {"cpu": "8"}}, "unknown section"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            tj.build_trainjob(spec(resources=resources))
 
 
 def api_client(fake: FakeKubernetes) -> kubernetes.client.ApiClient:
