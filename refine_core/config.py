@@ -518,11 +518,13 @@ def parse_quantity(text: str, where: str) -> float:
 class PodResources:
     """CPU and memory of one pod's container (requests; limits default to the requests, the Guaranteed QoS class)."""
 
-    # ``None``: no request (the cluster's default, if any).
+    # CPUs requested (``"8"``, ``"500m"``); ``None``: no request.
     cpu: str | None = None
+    # Memory requested (``"64Gi"``); ``None``: no request.
     memory: str | None = None
     # ``None``: the same as the request; a larger value lets the container burst above its request.
     cpu_limit: str | None = None
+    # ``None``: the same as the request (a container above its memory limit is killed).
     memory_limit: str | None = None
 
     def check(self, where: str) -> None:
@@ -558,8 +560,20 @@ class PodResources:
 class LauncherResources(PodResources):
     """The TrainJob launcher's own small pod: it stages data, creates and watches the job, copies the model back."""
 
+    # CPUs requested; the launcher mostly waits, and copies files at the start and the end.
     cpu: str | None = "1"
+    # Memory requested.
     memory: str | None = "4Gi"
+
+
+@dataclass
+class NodeResources(PodResources):
+    """Each trainer node of a TrainJob (``resourcesPerNode``); its GPUs come from ``--gpus-per-node``."""
+
+    # CPUs requested per node; ``None``: 12 per GPU (pipelines/_k8s.py MIDTRAIN, sized for DeltaNet-1.3B at 16K).
+    cpu: str | None = None
+    # Memory requested per node; ``None``: 96Gi per GPU.
+    memory: str | None = None
 
 
 @dataclass
@@ -572,9 +586,8 @@ class TrainJobConfig:
 
     # The launcher task's own small pod: it stages data, creates and watches the TrainJob, copies the model back.
     launcher: LauncherResources = field(default_factory=LauncherResources)
-    # Each trainer node (``resourcesPerNode`` of the TrainJob; the GPUs come from ``--gpus-per-node``). ``None``
-    # values: sized from the GPUs, 12 CPUs and 96Gi per GPU (pipelines/_k8s.py MIDTRAIN).
-    node: PodResources = field(default_factory=PodResources)
+    # Each trainer node (``resourcesPerNode`` of the TrainJob; the GPUs come from ``--gpus-per-node``).
+    node: NodeResources = field(default_factory=NodeResources)
     # Where the trainers keep their checkpoints so that a retried or pre-empted job resumes: an ``s3://`` prefix or
     # a directory on a volume the trainer pods mount; the launcher adds ``/{kfp run id}/{task}``. ``None``:
     # ``{REFINE_STAGING_URI}/{kfp run id}/{task}/checkpoints``.
