@@ -42,7 +42,8 @@ from refine_core.training.result import TrainResult, load_exported_result
 logger = logging.getLogger(__name__)
 
 STAGING_ENV = "REFINE_STAGING_URI"
-# Where the trainer pods keep their checkpoints: the refine-torch runtime mounts an emptyDir on /tmp.
+# The trainer pods' output_dir (the refine-torch runtime mounts an emptyDir on /tmp): it goes with the pod, so the
+# checkpoints that must outlive it go to checkpoint_uri (checkpoint_location).
 POD_OUTPUT_DIR = "/tmp/refine-run"
 
 
