@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from refine_core import storage
+from refine_core.errors import RunFailed
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 def _step_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+class MirrorUnavailable(RunFailed):
+    """The checkpoint prefix cannot be listed or read (bucket, endpoint or credentials): the run stops in one line."""
 
 
 class S3CheckpointMirror:
@@ -63,8 +68,17 @@ class S3CheckpointMirror:
 
     def _listing(self) -> dict[int, set[str]]:
         """``{step: {relative path in its directory}}`` of every ``step_*`` directory under the prefix."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            listed = storage.list_prefix(self.uri)
+        except (BotoCoreError, ClientError) as exc:
+            raise MirrorUnavailable(
+                f"cannot list the checkpoints under {self.uri} ({storage._s3_reason(exc)}); check the bucket, the "
+                "endpoint (AWS_ENDPOINT_URL) and the credentials, or set checkpoint_uri to a mounted directory"
+            ) from exc
         steps: dict[int, set[str]] = {}
-        for rel in storage.list_prefix(self.uri):
+        for rel in listed:
             head, _, rest = rel.partition("/")
             match = _STEP_DIR.match(head)
             if match and rest:
@@ -79,8 +93,8 @@ class S3CheckpointMirror:
         return step in self.complete_steps()
 
     def has_any(self) -> bool:
-        """Whether anything at all (complete or not) is stored under the prefix."""
-        return bool(storage.list_prefix(self.uri))
+        """Whether any checkpoint (complete or not) is stored under the prefix."""
+        return bool(self._listing())
 
     def upload(self, local_dir: Path, step: int, files: Sequence[str] | None = None, marker: bool = True) -> None:
         """Upload ``files`` (relative to ``local_dir``; ``None``: every file but the marker), then the marker.

@@ -213,3 +213,12 @@ def test_a_run_interrupted_in_one_pod_resumes_in_another_from_the_mirror(tmp_pat
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name  # bitwise on the CPU
     assert S3CheckpointMirror("s3://bkt/runs/r2/train-ntp").complete_steps() == [2, 4]
+
+
+def test_an_unreachable_bucket_stops_the_run_in_one_line(tmp_path, s3):
+    from refine_core.errors import RunFailed
+
+    manager = CheckpointManager(tmp_path / "ckpt", keep=2, mirror=S3CheckpointMirror("s3://no-such-bucket/x"))
+    with pytest.raises(RunFailed, match=r"cannot list the checkpoints under s3://no-such-bucket/x \(NoSuchBucket"):
+        manager.save(1, write_files(1), {})
+    assert manager.list_complete() == []  # nothing was written before the mirror was found missing
