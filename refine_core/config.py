@@ -630,8 +630,9 @@ class RunConfig:
     # How a training stage run under torchrun with more than one process splits the work: ``ddp`` keeps the whole
     # model and optimizer on every rank (PyTorch DDP); ``fsdp`` shards parameters, gradients and optimizer state over
     # the ranks (FSDP2 ``fully_shard`` per decoder block; bf16 compute with fp32 gradient reduce when precision is
-    # bf16; train-ntp only so far, train-refine refuses it). Checkpoints of either resume with the other and with any
-    # number of processes. One process: no effect.
+    # bf16; train-ntp, train-refine, whose no-grad rollout passes use one extra unsharded copy of the weights per
+    # rank, and post-train; ttt, which keeps a whole model per rank, refuses it). Checkpoints of either resume with
+    # the other and with any number of processes. One process: no effect.
     parallel: str = "ddp"
     # Where a training stage also publishes its final model and summary when it completes
     # (``{export_uri}/model/`` and ``{export_uri}/result.json``): an ``s3://`` prefix or a directory on a shared

@@ -191,6 +191,21 @@ def _cut_batch(
     return ids.to(device), mask.to(device), cuts
 
 
+def continue_pass(model: FastWeightForCausalLM, input_ids: torch.Tensor, cache: FastWeightCache):
+    """``model(input_ids, cache=cache)`` for tokens that continue a differentiable pass of the same ``model`` call.
+
+    The grad passes of the branch engine read the documents once (:func:`branch_states`) and then the rollout tokens
+    from the cut states. Under FSDP2 the second call must not be a second forward of the *root* module: its input
+    (the cache) needs gradients, so FSDP would run the root's post-backward (reduce-scatter, then free the
+    all-gathered embeddings / ``lm_head``) as soon as the gradient reaches it, while the first call's ``lm_head``
+    products are still to be differentiated (their backward then reads freed weights). Calling ``forward`` directly
+    skips only the root's hooks: the root's weights are still gathered from the first call (it keeps them after its
+    forward), its one post-backward runs at the end of the backward, and each block's own hooks gather and reduce
+    it around both of its calls. Without FSDP this is ``model(...)`` exactly (the model has no hooks).
+    """
+    return model.forward(input_ids, cache=cache)
+
+
 def branch_states(
     model: FastWeightForCausalLM, batch: PositionBatch, rows: Sequence[int], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, FastWeightCache, torch.Tensor]:
@@ -385,7 +400,10 @@ def policy_pass(
         y = rollouts.tokens.to(device)  # rows ordered (doc, j, g), the documents in doc_rows order
         state = cut_cache.repeat_interleave(g)
         first = first.repeat_interleave(g, dim=0)
-        rest = model(y[:, : k - 1], cache=state).logits if k > 1 else first.new_zeros(first.shape[0], 0, first.shape[1])
+        if k > 1:
+            rest = continue_pass(model, y[:, : k - 1], state).logits
+        else:
+            rest = first.new_zeros(first.shape[0], 0, first.shape[1])
         return ntp_sum, _token_logp(torch.cat([first[:, None], rest], 1), y, settings.temperature)
     raise ValueError(f"unknown rollout engine {engine!r}; use 'branch' or 'faithful'")
 
@@ -401,6 +419,7 @@ def sampling_policy_pass(
     eos_id: int | None,
     pad_id: int,
     ntp_labels_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    decoder: FastWeightForCausalLM | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 2, 3 and the step-6 forward of the ``branch`` engine in one pass, for weights not yet updated this step.
 
@@ -409,6 +428,10 @@ def sampling_policy_pass(
     per-rollout uniforms), their old log-probs are the current ones (the ratio is 1, as in the official code's first
     mini-batch, spec §2 step 6.4) and their hidden states are the pre-update ones. It saves the separate no-grad pass
     over these documents.
+
+    ``decoder`` (default ``model``) decodes the tokens (no grad): a model with the same weights whose forwards need
+    no collectives, e.g. the unsharded replica of an FSDP run (``ReplicaSync.local_model``), since decoding may stop
+    early at EOS and its number of forwards must not have to match across ranks.
 
     Returns:
         ``(ntp_sum, logp, tokens, rollout_hidden)``: as :func:`policy_pass`, plus the sampled ``[n, k]`` tokens and
@@ -423,7 +446,7 @@ def sampling_policy_pass(
     first = first.repeat_interleave(g, dim=0)
     with torch.no_grad():
         y = generate(
-            model,
+            decoder if decoder is not None else model,
             first.new_empty((first.shape[0], 0), dtype=torch.long),
             sampling=settings.sampling(),
             eos_token_id=eos_id,
@@ -432,7 +455,7 @@ def sampling_policy_pass(
             next_logits=first.detach(),
             uniforms=uniforms.to(model.device),
         ).tokens
-    out = model(y, cache=state)
+    out = continue_pass(model, y, state)
     logp = _token_logp(torch.cat([first[:, None], out.logits[:, :-1]], 1), y, settings.temperature)
     return ntp_sum, logp, y, _fp32_or_wider(out.hidden_states.detach())
 

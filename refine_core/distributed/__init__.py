@@ -3,6 +3,8 @@
 * :mod:`refine_core.distributed.ddp` — the process group from torchrun's environment and :class:`ReplicaSync`,
   through which the training loops shard batches, sum token counts and synchronise gradients with PyTorch's
   ``DistributedDataParallel``. Imported here.
+* :mod:`refine_core.distributed.split_work` — work split over ranks without a gradient all-reduce: uneven strided
+  shares (post-training's task SFT), and results gathered on rank 0 (TTT in ``reset`` mode shards its prompts).
 * :mod:`refine_core.distributed.trainjob` — builds, validates, creates and watches a ``TrainJob``
   (``trainer.kubeflow.org/v1alpha1``) that runs ``torchrun -m refine_core <stage>`` with our image. It needs the
   ``kubernetes`` and ``kubeflow-trainer-api`` packages (the ``kfp`` extra), so it is not imported here.

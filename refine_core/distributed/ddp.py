@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -282,6 +283,29 @@ class ReplicaSync:
             return {}
         return {name: tensor.detach().to("cpu") for name, tensor in model.state_dict().items()}
 
+    def local_model(self, model: nn.Module) -> nn.Module:
+        """A model with ``model``'s current weights whose forwards run no collectives, for no-grad passes.
+
+        Every rank may then run a different number of forwards with it (entropy passes over its own documents,
+        rollout decoding). One process and DDP: ``model`` itself. FSDP: a plain, unsharded replica refreshed from the
+        shards (``FSDPSync.local_model``), valid until the next optimizer step. Collective: every rank calls it.
+        """
+        return model
+
+    def frozen_copy(self, model: nn.Module) -> nn.Module:
+        """A frozen copy of ``model``'s current weights on this rank (eval mode, no gradients), e.g. a KL reference.
+
+        Collective under FSDP (it gathers the shards); a deep copy otherwise.
+        """
+        return copy.deepcopy(model).eval().requires_grad_(False)
+
+    def check_same(self, value: int, what: str) -> None:
+        """Raise ``ValueError`` unless every rank passed the same ``value`` (one collective; nothing in one process).
+
+        For counts that decide how many collectives follow (e.g. micro-batches, each an FSDP reduce-scatter): a rank
+        that disagrees would otherwise hang the job or silently pair the wrong collectives.
+        """
+
 
 class DDPSync(ReplicaSync):
     """:class:`ReplicaSync` over a ``DistributedDataParallel`` wrapper of ``model``.
@@ -335,6 +359,17 @@ class DDPSync(ReplicaSync):
         box = [obj]
         dist.broadcast_object_list(box, src=0, device=self.ctx.device)
         return box[0]
+
+    def check_same(self, value: int, what: str) -> None:
+        # One all-reduce: the max of (v, -v) is (max, -min) over ranks.
+        both = torch.tensor([value, -value], dtype=torch.float64, device=self.ctx.device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        high, low = int(both[0]), -int(both[1])
+        if high != low:
+            raise ValueError(
+                f"{what} differs between the ranks of this torchrun job ({low} to {high}; this rank: {value}); every "
+                "rank must take the same number of documents: shard the batch with ReplicaSync.shard."
+            )
 
 
 PARALLEL_MODES = ("ddp", "fsdp")

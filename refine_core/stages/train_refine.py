@@ -9,23 +9,23 @@ per mini-batch on ``c_ntp · NTP + c_nsp · PPO``. The learning-rate scheduler s
 Sampling is seeded per (seed, step, document), so a resumed run follows the uninterrupted trajectory exactly, and
 under ``torchrun`` (each rank takes documents ``r, r + W, ...`` of the batch, :mod:`refine_core.distributed.ddp`)
 a document draws the same positions and rollouts on whichever rank it lands. Logged metrics are averaged over ranks.
+``parallel: fsdp`` shards the model with FSDP2 instead of replicating it (:mod:`refine_core.distributed.fsdp`).
 
 Command line::
 
     refine prepare-data --config configs/tiny-refine.yaml
     refine train-refine --config configs/tiny-refine.yaml
     refine train-refine --config configs/tiny-refine.yaml refine.nsp_update=false   # the NTP-only baseline
+    torchrun --nproc_per_node=2 -m refine_core train-refine --config configs/tiny-refine.yaml parallel=fsdp
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 
 from refine_core.config import ConfigError, RunConfig
 from refine_core.data.shards import load_manifest
-from refine_core.distributed.ddp import is_distributed_launch
 from refine_core.tracking import Tracker
 from refine_core.training.refine_step import refine_step
 from refine_core.training.result import TrainResult
@@ -59,20 +59,14 @@ def train_refine(cfg: RunConfig, tracker: Tracker | None = None) -> TrainResult:
     rcfg = cfg.refine
     stage = STAGE if rcfg.nsp_update else f"{STAGE}-baseline"
     check_document_lengths(cfg)  # before the model is built: the corpus must fit the selection settings
-    if cfg.parallel == "fsdp" and is_distributed_launch():
-        # Not yet: the REFINE step uses the root's lm_head weight across several forwards and backwards (rollouts,
-        # fused sampling), which under FSDP2 is freed (resharded) between them; and the KL reference is a deepcopy.
-        raise ConfigError(
-            "train-refine does not support parallel=fsdp yet; use parallel=ddp (its checkpoints resume under either "
-            "mode and any number of processes)."
-        )
     session = TrainingSession.open(cfg, stage, rcfg, tracker, batch_size=rcfg.batch_size, data_parallel=True)
     sync = session.sync
     model, tokenizer = session.model, session.tokenizer
     reference = None
     if rcfg.kl_coef > 0:
         # The KL option anchors the policy to the starting weights (not in the paper: spec §10.9).
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        # Under FSDP a whole frozen replica on every rank (a deep copy cannot copy a sharded model).
+        reference = sync.frozen_copy(model)
 
     history: list[dict[str, float]] = []
     eval_loss = session.baseline_eval(history)

@@ -26,15 +26,23 @@ groups never span documents (``grouping`` is per document or per position), so t
 the other ranks. In step 6 the token counts of each mini-batch are summed over ranks, the loss is scaled by the
 number of ranks (DDP averages gradients) and the gradients are all-reduced once per optimizer step, so the update
 equals the single-process one on the whole batch.
+
+FSDP2 (``parallel: fsdp``, :mod:`refine_core.distributed.fsdp`): the same, except that the reduce-scatter sums (no
+scaling), that every rank must run the same forwards in the same order (each all-gathers weights), and that the
+model's parameters are shards. So steps 0-3 (no grad) run on ``sync.local_model(model)``, an unsharded replica with
+the step's starting weights whose forwards need no collectives (the model itself without FSDP); the fused sampling
+decodes with it too (``time/gather_s`` is the replica's refresh). The grad passes of step 6 use the sharded model;
+there is one per micro-batch and every rank has the same number of documents (checked), hence of micro-batches.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
+from torch import nn
 
 from refine_core.algorithm.grpo import (
     aggregate_loss,
@@ -78,16 +86,22 @@ def rollout_settings(cfg: RefineConfig) -> RolloutSettings:
     )
 
 
-def _ntp_sum_fn(mask_pad: bool, lm_head_weight: torch.Tensor) -> Callable:
+def _ntp_sum_fn(mask_pad: bool, lm_head: nn.Module) -> Callable:
+    """``(hidden, ids, mask) -> summed NTP loss`` with ``lm_head``'s weight as it is when called.
+
+    Read at call time, not captured: under FSDP the registered weight is the sharded ``DTensor`` between passes and
+    the all-gathered tensor only after the model's forward.
+    """
+
     def ntp_sum(hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return lm_loss_sum(hidden[:, :-1], lm_head_weight, ntp_targets(ids, mask, mask_pad))
+        return lm_loss_sum(hidden[:, :-1], lm_head.weight, ntp_targets(ids, mask, mask_pad))
 
     return ntp_sum
 
 
 def _ntp_micro_sum(model: FastWeightForCausalLM, ids: torch.Tensor, mask: torch.Tensor, mask_pad: bool) -> torch.Tensor:
     hidden = model(ids, attention_mask=mask, return_logits=False).hidden_states
-    return _ntp_sum_fn(mask_pad, model.lm_head.weight)(hidden, ids, mask)
+    return _ntp_sum_fn(mask_pad, model.lm_head)(hidden, ids, mask)
 
 
 def _ntp_count(docs: Sequence[torch.Tensor], pad_id: int, mask_pad: bool) -> int:
@@ -161,6 +175,8 @@ def refine_step(
     rank's view of a data-parallel run (see the module docstring); ``None`` is a single process.
     """
     sync = sync or ReplicaSync()
+    if sync.distributed:  # the same number of mini- and micro-batches, hence of collectives, on every rank
+        sync.check_same(len(docs), "the number of documents of a REFINE step")
     if cfg.mini_batch_size % sync.world_size:
         raise ValueError(
             f"refine.mini_batch_size={cfg.mini_batch_size} is not a multiple of the {sync.world_size} ranks of this "
@@ -172,11 +188,15 @@ def refine_step(
     timer = PhaseTimer(device)
     settings = rollout_settings(cfg)
     k = cfg.rollout_tokens
+    # The no-grad passes (steps 0-3) run on a model whose forwards need no collectives, so ranks may run different
+    # numbers of them: the model itself, or under FSDP a replica with the gathered weights (module docstring).
+    with timer("time/gather_s") if sync.sharded else nullcontext():
+        local = sync.local_model(model)
 
     # 0-1. Entropy pass, positions, true continuations and their hidden states (pre-update model).
     with timer("time/entropy_s"), autocast():
         positions: PositionBatch = score_positions(
-            model,
+            local,
             docs,
             doc_ids,
             num_chunks=cfg.num_chunks,
@@ -200,7 +220,7 @@ def refine_step(
     if rest_rows:
         with timer("time/rollout_s"), autocast():
             rest = sample_rollouts(
-                cfg.engine, model, positions, settings, seed=seed, step=step, eos_id=eos_id, pad_id=pad_id,
+                cfg.engine, local, positions, settings, seed=seed, step=step, eos_id=eos_id, pad_id=pad_id,
                 rows=rest_rows,
             )
     # 4-5. Rewards in float32 and GRPO advantages (groups never span documents: per part is the same as over all).
@@ -217,7 +237,7 @@ def refine_step(
     stats: list[dict[str, float]] = []
     norms, skipped, n_mini = [], 0, 0
     parts: list[Rollouts] = [] if rest is None else [rest]
-    ntp_fn = _ntp_sum_fn(cfg.mask_pad_in_loss, model.lm_head.weight)
+    ntp_fn = _ntp_sum_fn(cfg.mask_pad_in_loss, model.lm_head)
     m_g = cfg.num_chunks * cfg.rollouts_per_position
     with timer("time/update_s"):
         for lo in range(0, len(docs), mini):
@@ -234,7 +254,7 @@ def refine_step(
                         with timer("time/policy_forward_s"), autocast():
                             ntp_sum, logp, tokens, hidden = sync.forward(
                                 sampling_policy_pass, model, positions, micro, settings, seed=seed, step=step,
-                                eos_id=eos_id, pad_id=pad_id, ntp_labels_fn=ntp_fn,
+                                eos_id=eos_id, pad_id=pad_id, ntp_labels_fn=ntp_fn, decoder=local,
                             )
                         part = rollouts_from_pass(positions, micro, settings, logp, tokens, hidden)
                         parts.append(part)
@@ -373,7 +393,7 @@ def _all_logps(
 ) -> torch.Tensor:
     """Log-probs ``[N, k]`` of every rollout under ``model`` (used for the reference model of the KL option)."""
     out = torch.empty_like(rollouts.old_logp)
-    ntp_fn = _ntp_sum_fn(True, model.lm_head.weight)
+    ntp_fn = _ntp_sum_fn(True, model.lm_head)
     for lo in range(0, len(positions.docs), cfg.micro_batch_size):
         micro = list(range(lo, min(lo + cfg.micro_batch_size, len(positions.docs))))
         sel = torch.isin(rollouts.doc_index, torch.tensor(micro))

@@ -126,6 +126,7 @@ class TrainingSession:
         eval_set: Sequence[Any] | None = None,
         data_tag: str | None = None,
         data_parallel: bool = False,
+        even_batches: bool = True,
     ) -> TrainingSession:
         """Build everything from ``cfg`` and, with ``settings.resume``, restore the newest complete checkpoint.
 
@@ -133,7 +134,8 @@ class TrainingSession:
         trains on task files passes its own ``tokenizer``, ``train_set`` (any sequence the batcher can index),
         ``eval_set`` and a ``data_tag`` naming them. ``optim`` overrides the optimiser fields of ``settings``.
         ``data_parallel``: the stage's loop goes through ``session.sync``, so it may run under torchrun with more
-        than one rank (``batch_size`` must then be a multiple of the number of ranks).
+        than one rank (``batch_size`` must then be a multiple of the number of ranks, unless ``even_batches=False``:
+        the stage's loop then takes uneven shares itself, as post-training's task SFT does).
         """
         tracker = tracker or NullTracker()
         check_model_section(cfg)  # a bad architecture is refused before any data or weights are read
@@ -145,7 +147,7 @@ class TrainingSession:
                     "or with --nproc_per_node=1)."
                 )
             ctx = init_distributed(cfg.device)
-            if batch_size % ctx.world_size:
+            if even_batches and batch_size % ctx.world_size:
                 raise ValueError(
                     f"{stage}: batch_size={batch_size} is not a multiple of the {ctx.world_size} ranks of this "
                     "torchrun job; make the batch size a multiple of nproc_per_node x nodes."
@@ -389,6 +391,8 @@ class TrainingSession:
             self.tracker.log_metrics(metrics, step=step)
             raise
         metrics["train/skipped_steps_total"] = float(guard.skipped_total)
+        if self.device.type == "cuda":  # this rank's high-water mark of allocated memory so far (FSDP: its shards)
+            metrics["system/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         every = getattr(settings, "eval_every", 0)
         if (every and step % every == 0) or step == settings.steps:
             metrics.update(self.eval_metrics())

@@ -284,7 +284,7 @@ def test_policy_pass_ntp_sum_equals_a_plain_ntp_loss():
     positions = positions_for(model, docs, selection="argmax", micro_batch_size=4)
     settings = rollout_settings(small_cfg())
     ro = sample_rollouts("branch", model, positions, settings, seed=0, step=0, eos_id=EOS, pad_id=PAD)
-    fn = _ntp_sum_fn(True, model.lm_head.weight)
+    fn = _ntp_sum_fn(True, model.lm_head)
     ntp_sum, _ = policy_pass("branch", model, positions, [0, 1, 2, 3], ro, settings, pad_id=PAD, ntp_labels_fn=fn)
     reference = sum(
         torch.nn.functional.cross_entropy(model(d[None]).logits[0, :-1], d[1:], reduction="sum") for d in docs

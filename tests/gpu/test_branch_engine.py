@@ -86,7 +86,7 @@ def test_branch_policy_pass_matches_faithful_in_bf16():
         with amp:
             ntp_sum, logp = policy_pass(
                 engine, model, positions, [0, 1], rollouts, settings, pad_id=2,
-                ntp_labels_fn=_ntp_sum_fn(True, model.lm_head.weight),
+                ntp_labels_fn=_ntp_sum_fn(True, model.lm_head),
             )
         (ntp_sum / 2000 + logp.float().mean()).backward()
         grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
