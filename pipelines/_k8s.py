@@ -22,9 +22,12 @@ that task up, and its resources are those of one trainer node.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from kfp import dsl, kubernetes
+
+from refine_core.config import PodResources, TrainJobConfig
 
 S3_SECRET = "refine-data-s3-credentials"
 S3_SECRET_ENV = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
@@ -55,7 +58,8 @@ class StageResources:
         gpus: ``nvidia.com/gpu`` limit (0: a CPU task).
         timeout_s: the pod's ``activeDeadlineSeconds``.
         retries: retries after a failure (pod eviction, spot preemption, a transient S3 error); a retried
-            training stage starts over, because its working directory is per pod.
+            one-pod training stage starts over, because its working directory is per pod, while a retried TrainJob
+            launcher resumes from its trainers' last checkpoint (:func:`trainjob_stage`).
         shm: size of the ``/dev/shm`` memory emptyDir (PyTorch data loading and NCCL need more than Docker's 64M).
         work: size limit of the ``/tmp`` emptyDir where the stage keeps its checkpoints.
     """
@@ -75,11 +79,18 @@ class TrainPlacement:
 
     ``1 x 1`` runs the stage in its own pod on one GPU; anything larger runs it as a TrainJob of ``nodes`` pods with
     ``gpus_per_node`` GPUs and torchrun processes each (the config's batch sizes must be multiples of the total).
-    Post-training and evaluation always run in one pod on one GPU.
+    Post-training and evaluation always run in one pod on one GPU. ``trainjob`` is the config's section of the same
+    name (:class:`refine_core.config.TrainJobConfig`): the launcher pod's and each node's resources, where the
+    checkpoints go and whether the staged data stay; :meth:`with_config` takes it from a run config.
     """
 
     nodes: int = 1
     gpus_per_node: int = 1
+    trainjob: TrainJobConfig = field(default_factory=TrainJobConfig, compare=False)
+
+    def with_config(self, trainjob: TrainJobConfig) -> TrainPlacement:
+        """This placement with the ``trainjob`` section of a run config."""
+        return TrainPlacement(self.nodes, self.gpus_per_node, trainjob)
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.gpus_per_node < 1:
@@ -111,6 +122,16 @@ def per_node(res: StageResources, gpus: int) -> StageResources:
                           timeout_s=res.timeout_s, retries=res.retries, shm=res.shm, work=res.work)
 
 
+def node_resources(node: StageResources, configured: PodResources) -> dict[str, Any]:
+    """``resourcesPerNode`` of the TrainJob: the config's ``trainjob.node`` values where set, else ``node``'s (sized
+    from the GPUs by :func:`per_node`), and the node's GPUs as request and limit."""
+    cpu, memory = configured.cpu or node.cpu, configured.memory or node.memory
+    sized = PodResources(cpu=cpu, memory=memory, cpu_limit=configured.cpu_limit if configured.cpu else None,
+                         memory_limit=configured.memory_limit if configured.memory else None).as_kubernetes()
+    gpus = {GPU_RESOURCE: str(node.gpus)} if node.gpus else {}
+    return {section: {**sized.get(section, {}), **gpus} for section in ("requests", "limits")}
+
+
 def run_context() -> dict[str, str]:
     """The KFP run id and task name placeholders every MLflow-logging component takes (``**run_context()``).
 
@@ -120,10 +141,20 @@ def run_context() -> dict[str, str]:
     return {"kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "kfp_task": dsl.PIPELINE_TASK_NAME_PLACEHOLDER}
 
 
-def _common(task: dsl.PipelineTask, res: StageResources, name: str, *, s3: bool, cache: bool) -> dsl.PipelineTask:
+def _set_resources(task: dsl.PipelineTask, res: PodResources) -> None:
+    """The task pod's CPU and memory requests and limits (a value left ``None`` is not set)."""
+    wanted = res.as_kubernetes()
+    requests, limits = wanted.get("requests", {}), wanted.get("limits", {})
+    if "cpu" in requests:
+        task.set_cpu_request(requests["cpu"]).set_cpu_limit(limits["cpu"])
+    if "memory" in requests:
+        task.set_memory_request(requests["memory"]).set_memory_limit(limits["memory"])
+
+
+def _common(task: dsl.PipelineTask, res: StageResources, name: str, *, s3: bool, cache: bool,
+            pod: PodResources | None = None) -> dsl.PipelineTask:
     task.set_display_name(name)
-    task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu)
-    task.set_memory_request(res.memory).set_memory_limit(res.memory)
+    _set_resources(task, pod or PodResources(cpu=res.cpu, memory=res.memory))
     task.set_retry(num_retries=res.retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="900s")
     task.set_caching_options(enable_caching=cache)
     kubernetes.set_timeout(task, res.timeout_s)
@@ -155,17 +186,19 @@ def gpu_stage(task: dsl.PipelineTask, res: StageResources, name: str) -> dsl.Pip
     return task
 
 
-def trainjob_stage(task: dsl.PipelineTask, node: StageResources, name: str) -> dsl.PipelineTask:
-    """A ``launch-trainjob`` task: ``node`` describes one trainer node of the TrainJob.
+def trainjob_stage(task: dsl.PipelineTask, node: StageResources, launcher: PodResources, name: str
+                   ) -> dsl.PipelineTask:
+    """A ``launch-trainjob`` task: ``launcher`` sizes its own small pod, ``node`` describes one trainer node.
 
-    The resources, the GPU toleration and the node selector reach the TrainJob through the component's
-    ``task_config_passthroughs`` and are not applied to the launcher's own small pod; its env, secrets and volumes
-    apply to both (the ``/dev/shm`` and ``/tmp`` scratch volumes stay with the launcher, since the ``refine-torch``
-    runtime mounts its own). The launcher pod's deadline leaves an hour beyond the job's own timeout for staging
-    the data and copying the model back. A retry starts a new TrainJob from step 0.
+    The node's resources travel as the component's ``node_resources`` parameter; the GPU toleration and the node
+    selector reach the TrainJob through the component's ``task_config_passthroughs`` and are not applied to the
+    launcher's pod; its env, secrets and volumes apply to both (the ``/dev/shm`` and ``/tmp`` scratch volumes stay
+    with the launcher, since the ``refine-torch`` runtime mounts its own). The launcher pod's deadline leaves an
+    hour beyond the job's own timeout for staging the data and copying the model back. A retry of the task creates
+    a new TrainJob that resumes from the trainers' last committed checkpoint (same KFP run and task, same
+    checkpoint location).
     """
-    _common(task, node, name, s3=True, cache=False)
-    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(node.gpus)
+    _common(task, node, name, s3=True, cache=False, pod=launcher)
     kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
     kubernetes.set_timeout(task, node.timeout_s + 3600)
     return task

@@ -37,7 +37,9 @@ def training_task(
     Args:
         stage: ``train-refine`` or ``train-ntp``.
         config_yaml, data, parent_run_id, base_model: the task's inputs (pipeline channels).
-        placement: one GPU in the task's pod, or a TrainJob of ``nodes`` x ``gpus_per_node``.
+        placement: one GPU in the task's pod, or a TrainJob of ``nodes`` x ``gpus_per_node`` (with the config's
+            ``trainjob`` settings: resources, checkpoint root, keep_staged); its trainers always run with
+            ``resume=true``, so that a retried task resumes.
         resources: the one-GPU resources of the stage (scaled per node for a TrainJob).
         name: the task's display name.
         baseline: with ``train-refine``, the NTP-only arm.
@@ -48,9 +50,13 @@ def training_task(
         inputs["base_model"] = base_model
     if placement.distributed:
         node = _k8s.per_node(resources, placement.gpus_per_node)
+        settings = placement.trainjob
         task = launch_trainjob(stage=stage, baseline=baseline, num_nodes=placement.nodes,
-                               procs_per_node=placement.gpus_per_node, timeout_s=node.timeout_s, **inputs)
-        return _k8s.trainjob_stage(task, node, f"{name} ({placement.label})")
+                               procs_per_node=placement.gpus_per_node, timeout_s=node.timeout_s,
+                               node_resources=_k8s.node_resources(node, settings.node),
+                               checkpoint_root=settings.checkpoint_root or "", resume=True,
+                               keep_staged=settings.keep_staged, **inputs)
+        return _k8s.trainjob_stage(task, node, settings.launcher, f"{name} ({placement.label})")
     if stage == "train-refine":
         task = train_refine(baseline=baseline, **inputs)
     elif stage == "train-ntp" and not baseline:

@@ -1,8 +1,13 @@
 """``refine pipeline``: compile the Kubeflow pipelines, run one locally, or submit one to a cluster.
 
-    refine pipeline compile [--pipeline NAME|all] [--output DIR]          # IR YAML, one file per pipeline
+    refine pipeline compile [--pipeline NAME|all] [--output DIR] [--config FILE]   # IR YAML, one file per pipeline
     refine pipeline run --config configs/tiny-cpu.yaml [key=value ...]     # the full pipeline on this machine
     refine pipeline submit --host URL --config FILE [--experiment NAME] [--wait]
+
+All three take ``--nodes N --gpus-per-node G``: above 1 x 1 the data-parallel training stage runs as a Kubeflow
+Trainer TrainJob, built with the config's ``trainjob`` section (the launcher pod's and each node's resources, the
+checkpoint root, keep_staged; :class:`refine_core.config.TrainJobConfig`). Their defaults come from
+``$REFINE_TRAIN_NODES`` / ``$REFINE_TRAIN_GPUS_PER_NODE`` (what the retraining CronJob sets from its ConfigMap).
 
 ``run`` executes the pipeline through ``kfp.local.SubprocessRunner(use_venv=False)``: every task is a subprocess
 of this Python, so ``refine_core`` must be installed here (it is in ``.venv``); GPU, volume and secret settings are
@@ -305,6 +310,14 @@ def dry_run_summary(name: str, cfg: RunConfig, placement: TrainPlacement, params
         gpus = resources.get("accelerator", {}).get("resourceCount") or resources.get("accelerator", {}).get("count")
         memory = resources.get("resourceMemoryLimit") or resources.get("memoryLimit")
         lines.append(f"  {task_name:<28} gpus {gpus or 0:<3} memory {memory or '-'}")
+        params = {k: v["runtimeValue"]["constant"] for k, v in task.get("inputs", {}).get("parameters", {}).items()
+                  if "runtimeValue" in v}
+        if "node_resources" in params:  # a TrainJob launcher: what it will ask for
+            limits = params["node_resources"].get("limits", {})
+            lines.append(f"  {'':<28} -> TrainJob {int(params['num_nodes'])} node(s) x {int(params['procs_per_node'])} "
+                         f"process(es), per node {limits}, checkpoints "
+                         f"{params.get('checkpoint_root') or '$REFINE_STAGING_URI/<run>/<task>/checkpoints'}, "
+                         f"resume={params.get('resume')}")
     return lines
 
 
@@ -331,17 +344,34 @@ def wait_for_run(client: Any, run_id: str, timeout_s: float, poll_s: float = 5.0
 SERVICE_ACCOUNT_ENV = "REFINE_KFP_SERVICE_ACCOUNT"
 
 
+# Defaults of --nodes / --gpus-per-node (the retraining CronJob sets them from the refine-config ConfigMap).
+NODES_ENV = "REFINE_TRAIN_NODES"
+GPUS_PER_NODE_ENV = "REFINE_TRAIN_GPUS_PER_NODE"
+
+
+def _env_count(name: str) -> int:
+    """A positive count from the environment (unset or empty: 1)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return 1
+    if not value.isdigit() or int(value) < 1:
+        sys.stderr.write(f"refine pipeline: error: ${name}={value!r} must be a whole number >= 1 (or unset).\n")
+        raise SystemExit(2)
+    return int(value)
+
+
 def _placement_arguments(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--nodes", type=int, default=1,
+    sub.add_argument("--nodes", type=int, default=_env_count(NODES_ENV),
                      help="nodes for the data-parallel training stage (mid-/pre-training); with --gpus-per-node above "
-                     "1 x 1 it runs as a Kubeflow Trainer TrainJob (default: 1)")
-    sub.add_argument("--gpus-per-node", type=int, default=1,
-                     help="GPUs (torchrun processes) per node for that stage (default: 1)")
+                     f"1 x 1 it runs as a Kubeflow Trainer TrainJob (default: ${NODES_ENV}, else 1)")
+    sub.add_argument("--gpus-per-node", type=int, default=_env_count(GPUS_PER_NODE_ENV),
+                     help=f"GPUs (torchrun processes) per node for that stage (default: ${GPUS_PER_NODE_ENV}, else 1)")
 
 
-def placement_from(args: argparse.Namespace) -> TrainPlacement:
-    """The :class:`TrainPlacement` of ``--nodes`` / ``--gpus-per-node``."""
-    return TrainPlacement(nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+def placement_from(args: argparse.Namespace, cfg: RunConfig | None = None) -> TrainPlacement:
+    """The :class:`TrainPlacement` of ``--nodes`` / ``--gpus-per-node``, with ``cfg``'s ``trainjob`` section."""
+    placement = TrainPlacement(nodes=args.nodes, gpus_per_node=args.gpus_per_node)
+    return placement.with_config(cfg.trainjob) if cfg is not None else placement
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("compile", help="compile pipelines to IR YAML")
     sub.add_argument("--pipeline", default="all", choices=names, help="which pipeline (default: all)")
     sub.add_argument("--output", default="build/pipelines", type=Path, help="directory (default: build/pipelines)")
+    sub.add_argument("--config", metavar="FILE",
+                     help="experiment YAML whose trainjob section sizes a multi-GPU build (default: its defaults)")
     _placement_arguments(sub)
 
     for command, text in (("run", "run a pipeline locally (kfp.local, subprocesses, CPU)"),
@@ -397,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         placement = placement_from(args)
         if args.command == "compile":
+            if args.config:
+                placement = placement_from(args, load_config(args.config))
             names = list(PIPELINES) if args.pipeline == "all" else [args.pipeline]
             if placement.distributed:  # only the pipelines with a data-parallel stage have a multi-GPU build
                 names = [n for n in names if PIPELINES[n][2]] if args.pipeline == "all" else names
@@ -404,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _out(f"wrote {path}")
             return 0
         load_pipeline(args.pipeline, placement)  # refuses a multi-GPU placement of a pipeline without one
-    except ValueError as exc:
+    except ValueError as exc:  # ConfigError included
         sys.stderr.write(f"refine pipeline {args.command}: error: {exc}\n")
         return 2
 
@@ -414,6 +448,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         sys.stderr.write(f"refine pipeline {args.command}: error: {exc}\n")
         return 2
+    placement = placement_from(args, cfg)
+    if args.command == "submit" and placement.distributed and not args.service_account:
+        logger.warning(
+            "a %dx%d-GPU run launches TrainJobs, which the run's service account must be allowed to create: pass "
+            "--service-account refine-launcher (or set $%s), unless that Role is bound to the cluster's default "
+            "account (manifests/README.md)", placement.nodes, placement.gpus_per_node, SERVICE_ACCOUNT_ENV,
+        )
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     if args.print_config:
         sys.stdout.write(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False))

@@ -113,10 +113,16 @@ def render() -> str:
         "[algorithm-options.md](algorithm-options.md).",
         "",
     ]
-    hints = typing.get_type_hints(RunConfig, vars(config_module))
-    sections = [("", RunConfig)] + [
-        (f.name + ".", hints[f.name]) for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(hints[f.name])
-    ]
+    sections: list[tuple[str, type]] = []
+
+    def add(prefix: str, cls: type) -> None:  # a section, then its own sections (``trainjob.node``), depth first
+        sections.append((prefix, cls))
+        hints = typing.get_type_hints(cls, vars(config_module))
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                add(f"{prefix}{f.name}.", hints[f.name])
+
+    add("", RunConfig)
     for prefix, cls in sections:
         title = "Top level" if not prefix else f"`{prefix[:-1]}`"
         doc = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")

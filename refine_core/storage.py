@@ -28,9 +28,10 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,16 +107,34 @@ def resolve(uri: str | os.PathLike[str], cache_dir: str | os.PathLike[str] = "~/
 # ------------------------------------------------------------------------------------------------------------ S3
 
 
+# The environment boto3 builds a client from; a client is reused while these (and the process) stay the same.
+_CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+               "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_CONFIG_FILE",
+               "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED", "AWS_WEB_IDENTITY_TOKEN_FILE",
+               "AWS_ROLE_ARN")
+_clients: dict[tuple[Any, ...], Any] = {}
+_clients_lock = threading.Lock()
+
+
 def s3_client() -> Any:
     """A boto3 S3 client from the environment (credentials, region and ``AWS_ENDPOINT_URL[_S3]`` as boto3 reads
-    them)."""
-    import boto3
-    from botocore.config import Config
+    them).
 
-    # Bounded waits and retries with exponential backoff ("standard" mode: throttling, 5xx, dropped connections),
-    # so that a flaky endpoint is ridden out and a dead one is reported in about a minute, not hung on.
-    config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=120)
-    return boto3.session.Session().client("s3", config=config)
+    Clients are thread-safe and slow to build (boto3 loads its endpoint and service data each time, about 0.5 s), so
+    one is kept per process and environment: a checkpoint upload makes several calls in a row.
+    """
+    key = (os.getpid(), *(os.environ.get(name) for name in _CLIENT_ENV))
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            # Bounded waits and retries with exponential backoff ("standard" mode: throttling, 5xx, dropped
+            # connections), so that a flaky endpoint is ridden out and a dead one is reported in about a minute.
+            config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=120)
+            client = _clients[key] = boto3.session.Session().client("s3", config=config)
+        return client
 
 
 def _transfer_config() -> Any:
@@ -372,6 +391,103 @@ def publish_file(path: str | os.PathLike[str], uri: str) -> str:
     shutil.copyfile(src, tmp)
     os.replace(tmp, target)
     return uri
+
+
+def list_prefix(uri: str) -> dict[str, int]:
+    """``{relative key: size}`` of every object under the ``s3://`` prefix ``uri`` (``{}`` when there is none)."""
+    bucket, prefix = split_s3_uri(uri)
+    objects = _list_objects(s3_client(), bucket, prefix)
+    return {_relative_key(key, prefix): info["size"] for key, info in objects.items()}
+
+
+def upload_files(files: Sequence[tuple[str | os.PathLike[str], str]]) -> None:
+    """Upload local files to ``s3://`` object URIs, in parallel (multipart for large ones); all done on return.
+
+    Raises:
+        UploadFailed: an upload failed after boto3's retries (the message names the object; nothing is rolled back).
+    """
+    if not files:
+        return
+    pairs = [(Path(path), split_s3_uri(uri)) for path, uri in files]
+    total = sum(path.stat().st_size for path, _ in pairs)
+    from boto3.s3.transfer import create_transfer_manager
+
+    with (
+        Progress(f"upload {len(pairs)} files to s3://{pairs[0][1][0]}", total=total, unit=BYTES) as progress,
+        create_transfer_manager(s3_client(), _transfer_config()) as manager,
+    ):
+        futures = [manager.upload(str(path), bucket, key, subscribers=_byte_progress(progress))
+                   for path, (bucket, key) in pairs]
+        for future, (_, (bucket, key)) in zip(futures, pairs, strict=True):
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001  (botocore's many client, endpoint and transfer errors)
+                raise UploadFailed(
+                    f"uploading to s3://{bucket}/{key} failed after retries ({_s3_reason(exc)}). Check the bucket, "
+                    "the endpoint (AWS_ENDPOINT_URL) and the credentials, then run again"
+                ) from exc
+
+
+def download_prefix(uri: str, dest: str | os.PathLike[str], exclude: Sequence[str] = ()) -> list[Path]:
+    """Download every object under the ``s3://`` prefix ``uri`` into ``dest`` (keys relative to the prefix), except
+    the relative keys in ``exclude``; returns the files written. Unlike :func:`resolve` there is no cache and no
+    marker: the caller decides when the copy counts as complete."""
+    bucket, prefix = split_s3_uri(uri)
+    client = s3_client()
+    objects = {_relative_key(key, prefix): info for key, info in _list_objects(client, bucket, prefix).items()}
+    wanted = {rel: info for rel, info in objects.items() if rel not in exclude}
+    out = Path(dest)
+    written = []
+    from boto3.s3.transfer import create_transfer_manager
+
+    with (
+        Progress(f"download {uri}", total=sum(i["size"] for i in wanted.values()), unit=BYTES) as progress,
+        create_transfer_manager(client, _transfer_config()) as manager,
+    ):
+        futures = []
+        for rel in sorted(wanted):
+            target = out / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            key = f"{prefix}/{rel}" if prefix else rel
+            futures.append(manager.download(bucket, key, str(target), subscribers=_byte_progress(progress)))
+            written.append(target)
+        for future in futures:
+            future.result()
+    return written
+
+
+def delete_objects(uri: str, relative_keys: Sequence[str]) -> None:
+    """Delete the objects ``{uri}/{key}`` (an ``s3://`` prefix and keys relative to it), in the order given, 1000
+    per request (S3's limit); missing objects are no error."""
+    bucket, prefix = split_s3_uri(uri)
+    keys = [f"{prefix}/{rel}" if prefix else rel for rel in relative_keys]
+    client = s3_client()
+    for start in range(0, len(keys), 1000):
+        batch = keys[start : start + 1000]
+        response = client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch],
+                                                                "Quiet": True})
+        if response.get("Errors"):
+            error = response["Errors"][0]
+            raise ValueError(f"deleting s3://{bucket}/{error.get('Key')} failed: {error.get('Code')}: "
+                             f"{error.get('Message')}; check that the credentials may delete under {uri}.")
+
+
+def delete_uri(uri: str) -> int:
+    """Delete everything under ``uri`` (an ``s3://`` prefix, or a local directory or file); returns how many
+    objects or files were removed (0 when there was nothing)."""
+    if is_s3_uri(uri):
+        keys = sorted(list_prefix(uri))
+        delete_objects(uri, keys)
+        return len(keys)
+    path = Path(os.path.expanduser(uri))
+    if path.is_dir():
+        count = sum(1 for p in path.rglob("*") if p.is_file())
+        shutil.rmtree(path)
+        return count
+    if path.exists():
+        path.unlink()
+        return 1
+    return 0
 
 
 def join_uri(base: str, *parts: str) -> str:

@@ -151,11 +151,13 @@ class TrainJobSpec:
         out.env += [{"name": name, "value": str(value)} for name, value in values.items()]
         return out
 
-    def with_task_config(self, task_config: Any) -> TrainJobSpec:
+    def with_task_config(self, task_config: Any, *, resources: bool = True) -> TrainJobSpec:
         """A copy with the fields of a KFP ``dsl.TaskConfig`` (or anything with its attributes) filled in.
 
         Fields that are ``None`` — all of them in a local ``kfp.local`` run (mlops-notes §2.6 item 6), or those
-        not declared as passthroughs — leave this spec's values alone.
+        not declared as passthroughs — leave this spec's values alone. ``resources=False`` ignores the task's
+        resources: they are the launcher pod's own (KFP wants a RESOURCES passthrough on any task whose component
+        declares passthroughs and sets resources), and the nodes' come from elsewhere.
         """
         out = copy.deepcopy(self)
         if task_config is None:
@@ -170,7 +172,7 @@ class TrainJobSpec:
             ("volume_mounts", "volume_mounts"),
         ):
             value = getattr(task_config, attr, None)
-            if value is not None:
+            if value is not None and (resources or attr != "resources"):
                 setattr(out, target, _json_ints(value))
         return out
 
@@ -232,6 +234,48 @@ def _gpus(resources: Mapping[str, Any] | None) -> int:
     return 0
 
 
+def check_resources(resources: Mapping[str, Any] | None, where: str = "resources") -> None:
+    """Refuse a ``ResourceRequirements`` dict the API server would reject, naming the field.
+
+    Sections are ``requests`` / ``limits``; CPU and memory are Kubernetes quantities (``"8"``, ``"500m"``,
+    ``"64Gi"``), GPUs whole numbers; a limit is at least its request, and GPUs, which cannot be overcommitted, have
+    equal request and limit when both are given.
+
+    Raises:
+        ValueError: the first problem found.
+    """
+    from refine_core.config import ConfigError, parse_quantity
+
+    if not resources:
+        return
+    unknown = sorted(set(resources) - {"requests", "limits", "claims"})
+    if unknown:
+        raise ValueError(f"{where} has unknown section(s) {', '.join(unknown)}; use requests and limits.")
+    values: dict[str, dict[str, float]] = {}
+    for section in ("requests", "limits"):
+        for key, value in (resources.get(section) or {}).items():
+            field_name = f"{where}.{section}.{key}"
+            if key in GPU_RESOURCES:
+                number = float(str(value)) if re.fullmatch(r"\d+(\.0+)?", str(value)) else -1.0
+                if number < 0:
+                    raise ValueError(f"{field_name}={value!r} must be a whole number of GPUs.")
+            else:
+                try:
+                    number = parse_quantity(_quantity(value), field_name)
+                except ConfigError as exc:
+                    raise ValueError(str(exc)) from exc
+                if number <= 0:
+                    raise ValueError(f"{field_name}={value!r} must be > 0.")
+            values.setdefault(section, {})[key] = number
+    for key, request in values.get("requests", {}).items():
+        limit = values.get("limits", {}).get(key)
+        if limit is not None and limit < request:
+            raise ValueError(f"{where}.limits.{key} is below {where}.requests.{key}; a limit must be at least the "
+                             "request.")
+        if key in GPU_RESOURCES and limit is not None and limit != request:
+            raise ValueError(f"{where}: GPUs ({key}) cannot be overcommitted; give equal requests and limits.")
+
+
 def default_name(stage: str) -> str:
     """``refine-<stage>-<8 hex>``: unique, DNS-1035, short enough for JobSet's derived names."""
     return f"refine-{re.sub(r'[^a-z0-9-]+', '-', stage.lower()).strip('-')}-{uuid.uuid4().hex[:8]}"[:_MAX_NAME]
@@ -265,6 +309,7 @@ def build_trainjob(spec: TrainJobSpec) -> dict[str, Any]:
         )
     if spec.num_nodes < 1:
         raise ValueError(f"num_nodes={spec.num_nodes} must be >= 1.")
+    check_resources(spec.resources, "resources (per node)")
     gpus = _gpus(spec.resources)
     procs = spec.procs_per_node or gpus or 1
     if procs < 1:

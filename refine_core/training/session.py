@@ -45,7 +45,12 @@ from refine_core.progress import format_duration
 from refine_core.runtime import autocast, capture_rng_state, restore_rng_state, seed_everything, select_device
 from refine_core.tokenizer import Tokenizer
 from refine_core.tracking import NullTracker, Tracker
-from refine_core.training.checkpoint import CheckpointManager, step_dir_name, write_directory_atomically
+from refine_core.training.checkpoint import (
+    CheckpointManager,
+    open_checkpoints,
+    step_dir_name,
+    write_directory_atomically,
+)
 from refine_core.training.divergence import DivergenceGuard, TrainingDiverged
 from refine_core.training.losses import count_targets, lm_loss_sum, ntp_targets
 from refine_core.training.optim import OptimSettings, build_optimizer, build_scheduler
@@ -195,7 +200,8 @@ class TrainingSession:
             optimizer=optimizer,
             scheduler=build_scheduler(optimizer, optim),
             batcher=DocumentBatcher(train_set, batch_size, seed=cfg.seed, pad_id=tokenizer.pad_token_id),
-            checkpoints=CheckpointManager(stage_dir / "checkpoints", keep=settings.keep_checkpoints),
+            checkpoints=open_checkpoints(cfg, stage, settings.keep_checkpoints, resume=bool(settings.resume),
+                                         section=section),
             train_set=train_set,
             eval_set=eval_set,
             sync=sync,

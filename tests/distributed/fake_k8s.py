@@ -290,8 +290,12 @@ class ExecutingKubernetes(FakeKubernetes):
     JobSet's failure policy does. DELETE and :meth:`stop` kill process groups: SIGTERM, then SIGKILL after
     :attr:`kill_grace_s`.
 
+    ``preempt_on``: a pattern; the first time any node prints a matching line, the fake SIGKILLs that node's process
+    group, as losing the node to a spot preemption does (the job then fails, and a retry must take over).
+
     Attributes:
         runs: every job run so far by name (also after deletion), with the node exit codes and output.
+        preempted: the pods killed by ``preempt_on`` (at most one).
     """
 
     kill_grace_s = 5.0
@@ -302,8 +306,11 @@ class ExecutingKubernetes(FakeKubernetes):
         lifetime_s: float = 300.0,
         extra_env: Mapping[str, str] | None = None,
         shared: Sequence[Path] = (),
+        preempt_on: re.Pattern[str] | None = None,
     ) -> None:
         super().__init__(None, lifetime_s)
+        self.preempt_on = preempt_on
+        self.preempted: list[str] = []
         self.sandbox = Path(sandbox).resolve()
         if not _SHELL_SAFE.fullmatch(str(self.sandbox)):
             raise ValueError(f"sandbox {self.sandbox} must need no shell quoting: it is spliced into `sh -c` scripts")
@@ -446,6 +453,12 @@ class ExecutingKubernetes(FakeKubernetes):
             for line in node.process.stdout:
                 with self.lock:
                     node.lines.append(line.rstrip("\n"))
+                    preempt = (self.preempt_on is not None and not self.preempted
+                               and self.preempt_on.search(line) is not None)
+                    if preempt:
+                        self.preempted.append(node.name)
+                if preempt:
+                    _kill_tree(node)  # the node is gone: no SIGTERM, no grace period, nothing of the pod survives
         code = node.process.wait()
         with self.lock:
             node.exit_code = code
@@ -479,6 +492,30 @@ def _signal_group(node: PodRun, sig: signal.Signals) -> None:
     if node.process is not None:
         with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
             os.killpg(node.process.pid, sig)  # start_new_session: the group is torchrun and its workers
+
+
+def _kill_tree(node: PodRun) -> None:
+    """SIGKILL the node's process and every descendant, as losing the node (or its container) does.
+
+    A process-group kill is not enough: torchrun starts its workers in sessions of their own, so they would outlive
+    their agent and go on training. Descendants are found through ``/proc`` (each process's parent id), collected
+    before any is killed so that none is re-parented away first.
+    """
+    if node.process is None:
+        return
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, pending = [], [node.process.pid]
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        pending.extend(children.get(pid, []))
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _last_words(lines: Sequence[str]) -> str:

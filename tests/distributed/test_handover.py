@@ -97,3 +97,65 @@ def test_a_stopped_run_exports_nothing(tmp_path, prepared):  # noqa: F811 - the 
     target = tmp_path / "export"
     train_ntp(run_cfg(tmp_path, prepared, "ntp.steps=4", "ntp.stop_after=1", f"export_uri={target}"))
     assert not target.exists()  # only a complete run publishes a result the launcher would take for final
+
+
+def stage_everything(staging: handover.Staging, tmp_path: Path) -> str:
+    """Stage inputs, a result and a checkpoint under ``staging`` as a launcher and its trainers would; the
+    checkpoint location."""
+    handover.push_inputs(staging, fake_model(tmp_path / "data"), fake_model(tmp_path / "base"))
+    storage.publish_dir(fake_model(tmp_path / "result"), staging.result)
+    checkpoints = handover.checkpoint_location(staging, "", "run-1", "train")
+    storage.publish_dir(fake_model(tmp_path / "ckpt"), storage.join_uri(checkpoints, "train-ntp", "step_00000002"))
+    return checkpoints
+
+
+def left(uri: str) -> set[str]:
+    """The top-level entries still under a staging prefix (``data``, ``checkpoints``, ...)."""
+    if storage.is_s3_uri(uri):
+        return {key.split("/", 1)[0] for key in storage.list_prefix(uri)}
+    return {p.name for p in Path(uri).iterdir()} if Path(uri).is_dir() else set()
+
+
+@pytest.mark.parametrize("where", ["volume", "s3"])
+@pytest.mark.parametrize(("succeeded", "keep_staged", "kept"), [
+    (True, False, set()),  # the model is in the artifact: nothing is needed any more
+    (False, False, {"checkpoints"}),  # the retry resumes from the checkpoints and stages the inputs again
+    (True, True, {"data", "base-model", "result", "checkpoints"}),
+    (False, True, {"data", "base-model", "result", "checkpoints"}),
+])
+def test_clean_up_deletes_what_was_staged_but_a_failed_jobs_checkpoints(tmp_path, request, where, succeeded,
+                                                                       keep_staged, kept):
+    base = str(tmp_path / "volume") if where == "volume" else "s3://bkt/staging"
+    if where == "s3":
+        request.getfixturevalue("s3")
+    staging = handover.staging_for(base, "run-1", "train")
+    checkpoints = stage_everything(staging, tmp_path)
+    assert left(staging.prefix) == {"data", "base-model", "result", "checkpoints"}
+    deleted = handover.clean_up(staging, checkpoints, succeeded=succeeded, keep_staged=keep_staged)
+    assert left(staging.prefix) == kept
+    assert len(deleted) == 4 - len(kept)
+
+
+def test_clean_up_never_hides_the_outcome_of_the_job(tmp_path, monkeypatch, caplog):
+    staging = handover.staging_for(str(tmp_path / "volume"), "run-1", "train")
+    checkpoints = stage_everything(staging, tmp_path)
+
+    def refused(uri: str) -> int:
+        raise PermissionError(13, "Permission denied", uri)
+
+    monkeypatch.setattr(storage, "delete_uri", refused)
+    assert handover.clean_up(staging, checkpoints, succeeded=True, keep_staged=False) == []
+    assert caplog.text.count("could not delete staged") == 4 and "lifecycle rule" in caplog.text
+
+
+def test_the_checkpoint_location_is_the_same_for_every_attempt_of_a_task():
+    staging = handover.staging_for("s3://bkt/staging", "run-1", "mid-train refine")
+    assert handover.checkpoint_location(staging, "", "run-1", "mid-train refine") == (
+        "s3://bkt/staging/run-1/mid-train-refine/checkpoints")
+    assert handover.checkpoint_location(staging, "/mnt/ckpt/", "run-1", "mid-train refine") == (
+        "/mnt/ckpt/run-1/mid-train-refine")
+    assert handover.trainer_settings("train-refine", "s3://x/c", True) == {"checkpoint_uri": "s3://x/c",
+                                                                          "refine.resume": True}
+    assert handover.trainer_settings("train-ntp", "/c", False) == {"checkpoint_uri": "/c", "ntp.resume": False}
+    with pytest.raises(ValueError, match="no resumable training loop"):
+        handover.trainer_settings("ttt-evaluate", "/c", True)

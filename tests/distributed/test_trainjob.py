@@ -16,11 +16,13 @@ from pathlib import Path
 
 import kubernetes
 import pytest
+import torch
 import yaml
 from kfp import dsl
 from kubeflow_trainer_api import models
+from safetensors.torch import load_file
 
-from refine_core.config import load_config
+from refine_core.config import ConfigError, load_config, parse_quantity
 from refine_core.distributed import trainjob as tj
 from refine_core.stages.prepare_data import prepare_data
 from tests.distributed.fake_k8s import ExecutingKubernetes, FakeKubernetes, Scenario, Tick
@@ -149,6 +151,55 @@ def test_bad_objects_are_refused_before_anything_is_created():
         tj.build_trainjob(spec(name="Refine_Job"))
     with pytest.raises(ValueError, match="exactly one"):
         tj.build_trainjob(spec(config_yaml="a: 1"))
+
+
+@pytest.mark.parametrize("text", ["8", "0.5", ".5", "500m", "1k", "64Gi", "512Mi", "1.5G", "100", "3Ti", "2E"])
+def test_quantities_parse_as_kubernetes_parses_them(text):
+    from kubernetes.utils import parse_quantity as reference  # the client library's own parser (a Decimal)
+
+    assert parse_quantity(text, "x") == pytest.approx(float(reference(text)), rel=1e-12)
+
+
+@pytest.mark.parametrize("text", ["", "8 cores", "-1", "1e3", "64GB", "Gi", "0x10", "1.2.3"])
+def test_what_is_not_a_quantity_is_refused_with_the_forms_that_are(text):
+    with pytest.raises(ConfigError, match=r"trainjob\.node\.memory=.*is not a Kubernetes quantity.*'64Gi'"):
+        parse_quantity(text, "trainjob.node.memory")
+
+
+def test_the_trainjob_section_validates_pod_resources_and_renders_them():
+    cfg = load_config(None, ["trainjob.node={cpu: '96', memory: 768Gi, memory_limit: 800Gi}",
+                             "trainjob.launcher.cpu=500m"])
+    assert cfg.trainjob.node.as_kubernetes() == {"requests": {"cpu": "96", "memory": "768Gi"},
+                                                 "limits": {"cpu": "96", "memory": "800Gi"}}
+    assert cfg.trainjob.launcher.as_kubernetes() == {"requests": {"cpu": "500m", "memory": "4Gi"},
+                                                     "limits": {"cpu": "500m", "memory": "4Gi"}}
+    assert load_config(None, []).trainjob.node.as_kubernetes() == {}  # sized from the GPUs by the pipeline
+    for override, message in (
+        ("trainjob.node={memory: 64Gi, memory_limit: 32Gi}", r"memory_limit='32Gi' is below the request"),
+        ("trainjob.launcher.cpu=0", r"trainjob\.launcher\.cpu='0' must be > 0"),
+        ("trainjob.node.cpu=lots", r"trainjob\.node\.cpu='lots' is not a Kubernetes quantity"),
+        ("trainjob.node.cpu_limit=4", r"cpu_limit is set without trainjob\.node\.cpu"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+
+
+def test_node_resources_are_checked_before_the_trainjob_is_built():
+    good = {"requests": {"cpu": "96", "memory": "768Gi", "nvidia.com/gpu": "8"},
+            "limits": {"cpu": 96.0, "memory": "768Gi", "nvidia.com/gpu": 8.0}}
+    body = tj.build_trainjob(spec(resources=good))
+    assert body["spec"]["trainer"]["resourcesPerNode"]["limits"] == {"cpu": "96", "memory": "768Gi",
+                                                                      "nvidia.com/gpu": "8"}
+    assert body["spec"]["trainer"]["numProcPerNode"] == 8
+    for resources, message in (
+        ({"limits": {"nvidia.com/gpu": "1.5"}}, r"nvidia\.com/gpu='1\.5' must be a whole number of GPUs"),
+        ({"requests": {"memory": "64 GB"}}, r"requests\.memory='64 GB' is not a Kubernetes quantity"),
+        ({"requests": {"cpu": "8"}, "limits": {"cpu": "4"}}, r"limits\.cpu is below .*requests\.cpu"),
+        ({"requests": {"nvidia.com/gpu": "4"}, "limits": {"nvidia.com/gpu": "8"}}, "cannot be overcommitted"),
+        ({"limit": {"cpu": "8"}}, "unknown section"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            tj.build_trainjob(spec(resources=resources))
 
 
 def api_client(fake: FakeKubernetes) -> kubernetes.client.ApiClient:
@@ -371,3 +422,78 @@ def test_the_executing_fake_gives_each_pod_its_topology_and_tmp_and_kills_a_dele
         assert run.wait(fake.kill_grace_s + 2)
     assert run.exit_codes == [-15, -15]  # SIGTERM to each pod's process group reached the sleep
     assert run.failure is None  # deleting is not failing
+
+
+@pytest.mark.slow
+def test_fsdp_on_node_local_storage_checkpoints_to_s3_and_a_preempted_job_resumes(tmp_path, prepared, monkeypatch):
+    """Two emulated nodes, each with a private ``/tmp`` as ``output_dir`` (node-local storage) and FSDP: each rank
+    uploads its own DCP shards to S3 (moto's server), rank 0 the rest and the marker. The first job loses node 0
+    right after its step-2 checkpoint is mirrored; a second job (the retry) starts with empty ``/tmp`` directories,
+    downloads that checkpoint on each node, resumes at step 2, and ends with an uninterrupted job's weights."""
+    from refine_core.training.checkpoint_mirror import S3CheckpointMirror
+    from tests.integration.servers import SERVER_AWS_KEY_ID, SERVER_AWS_SECRET, start_moto
+
+    (tmp_path / "moto").mkdir()
+    with start_moto(tmp_path / "moto") as s3:
+        aws = [{"name": "AWS_ENDPOINT_URL", "value": s3.url}, {"name": "AWS_ACCESS_KEY_ID", "value": SERVER_AWS_KEY_ID},
+               {"name": "AWS_SECRET_ACCESS_KEY", "value": SERVER_AWS_SECRET},
+               {"name": "AWS_DEFAULT_REGION", "value": "us-east-1"}]
+        for entry in aws:  # this process reads the bucket too
+            monkeypatch.setenv(entry["name"], entry["value"])
+
+        def job(name: str, checkpoints: str) -> tj.TrainJobSpec:
+            return tj.TrainJobSpec(
+                stage="train-ntp", image="refine-gpu:test", config_yaml=TINY_NTP, namespace="refine", name=name,
+                num_nodes=2, procs_per_node=1, env=aws,
+                overrides=[f"data.prepared_dir={prepared}", "tracking.backend=none", "ntp.steps=4",
+                           "ntp.save_every=2", "ntp.eval_every=0", "ntp.batch_size=4", "ntp.micro_batch_size=2",
+                           "parallel=fsdp", "output_dir=/tmp/refine-run", f"checkpoint_uri={checkpoints}",
+                           "ntp.resume=true"],
+            )
+
+        sandbox = tmp_path / "sandbox"
+        runs: dict[str, list[str]] = {}
+        preempt = re.compile(r"mirrored checkpoint step_00000002")
+        with ExecutingKubernetes(sandbox, extra_env=ONE_THREAD, shared=[prepared], preempt_on=preempt) as fake:
+            for name, checkpoints, fails in (("refine-fsdp-a", "s3://refine-mlflow/ckpt/job", True),
+                                             ("refine-fsdp-b", "s3://refine-mlflow/ckpt/job", False),
+                                             ("refine-fsdp-ref", "s3://refine-mlflow/ckpt/ref", False)):
+                lines = runs.setdefault(name, [])
+                if fails:
+                    with pytest.raises(tj.TrainJobFailed, match="exited with code -9"):
+                        tj.launch_trainjob(job(name, checkpoints), api_client(fake), timeout_s=180, poll_s=0.2,
+                                           log_sink=lines.append)
+                    # Both ranks' shards reached S3 although neither node sees the other's files.
+                    keys = {o["Key"] for o in s3.client().list_objects_v2(
+                        Bucket="refine-mlflow", Prefix="ckpt/job/train-ntp/step_00000002/")["Contents"]}
+                    assert {"state/__0_0.distcp", "state/__1_0.distcp", "state/.metadata", "trainer_state.pt",
+                            "COMPLETE"} <= {k.rsplit("step_00000002/", 1)[1] for k in keys}
+                else:
+                    status = tj.launch_trainjob(job(name, checkpoints), api_client(fake), timeout_s=180, poll_s=0.2,
+                                                log_sink=lines.append)
+                    assert status.phase == "Complete", "\n".join(lines[-40:])
+                    # Node 0 holds only its own shards of step 4: that checkpoint is complete in S3 alone, and no
+                    # partial copy was committed (or left) on either node.
+                    for node in (0, 1):
+                        local = sandbox / name / f"node-{node}" / "tmp" / "refine-run" / "train-ntp" / "checkpoints"
+                        assert not any(local.glob("*step_00000004*")), sorted(local.iterdir())
+                    assert S3CheckpointMirror(f"{checkpoints}/train-ntp").complete_steps() == [2, 4]
+        assert fake.preempted == ["refine-fsdp-a-node-0-0-abcde"]
+        retry = "\n".join(runs["refine-fsdp-b"])
+        assert re.search(r"node-0-0-abcde\] .*resuming from mirrored checkpoint step 2 of "
+                         r"s3://refine-mlflow/ckpt/job/train-ntp", retry), retry
+        for node in (0, 1):  # each node fetched the checkpoint into its own empty /tmp (only rank 0 logs)
+            local = sandbox / "refine-fsdp-b" / f"node-{node}" / "tmp" / "refine-run" / "train-ntp" / "checkpoints"
+            assert (local / "step_00000002" / "COMPLETE").is_file()
+            assert {p.name for p in (local / "step_00000002" / "state").iterdir()} >= {"__0_0.distcp", "__1_0.distcp"}
+        assert re.search(r"resumed train-ntp from \S+/step_00000002 at step 2", retry)
+        assert "joined process group: rank 0/2" in retry and "step 4/4" in retry
+
+    def exported(name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(sandbox / name / "node-0" / "tmp" / "refine-run" / "train-ntp" / "model"
+                             / "model.safetensors"))
+
+    resumed, whole = exported("refine-fsdp-b"), exported("refine-fsdp-ref")
+    assert resumed.keys() == whole.keys()
+    for key in whole:
+        assert torch.equal(resumed[key], whole[key]), key  # bitwise: the same 2 FSDP ranks on the CPU

@@ -486,14 +486,66 @@ def test_retrain_config_is_a_valid_refine_config() -> None:
     assert redact(tree) == tree
 
 
+def cronjob_process(target: str, config_data: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The CronJob container's argv and environment as the kubelet makes them: env from the rendered refine-config
+    (``config_data`` replacing its data), ``$(VAR)`` in args expanded (an unset one stays verbatim, as in Kubernetes);
+    secret references left out."""
+    container = one(target, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    data = config_data if config_data is not None else one(target, "ConfigMap", "refine-config")["data"]
+    env: dict[str, str] = {}
+    for entry in container.get("env", []):
+        ref = entry.get("valueFrom", {}).get("configMapKeyRef")
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        elif ref is not None and ref["name"] == "refine-config":
+            if ref["key"] in data:
+                env[entry["name"]] = data[ref["key"]]
+            else:
+                assert ref.get("optional"), f"{entry['name']}: refine-config has no key {ref['key']}"
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a)
+            for a in [*container["command"], *container["args"]]]
+    return argv, env
+
+
 @needs_kubectl
 @pytest.mark.parametrize("target", TARGETS)
-def test_cronjob_argv_parses_with_the_submit_command(target: str) -> None:
+def test_cronjob_argv_parses_with_the_submit_command(target: str, monkeypatch) -> None:
     cli = pytest.importorskip("pipelines.cli", reason="pipelines.cli (refine pipeline) is not importable")
-    container = one(target, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    args = cli.build_parser().parse_args([*container["command"][2:], *container["args"]])
+    argv, env = cronjob_process(target)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = cli.build_parser().parse_args(argv[2:])
     assert (args.command, args.pipeline, args.experiment, args.wait) == ("submit", "midtrain", "retrain", False)
     assert args.pipeline in cli.PIPELINES
+    # Where mid-training runs comes from refine-config: one GPU in the base, and no service account named then.
+    assert (args.nodes, args.gpus_per_node) == (1, 1) and args.service_account is None
+
+
+@needs_kubectl
+def test_the_cronjob_submits_a_2x8_gpu_trainjob_build_when_refine_config_says_so(monkeypatch) -> None:
+    """End to end from the manifest: refine-config set to 2 nodes x 8 GPUs and the refine-launcher account; the
+    CronJob's command line, run through the refine CLI against a recording kfp.Client, uploads the TrainJob build
+    and starts the run as refine-launcher."""
+    kfp = pytest.importorskip("kfp")
+    from refine_core import cli as refine_cli
+    from tests.pipelines.test_cli import FakeClient, launcher_tasks
+
+    data = {**one("base", "ConfigMap", "refine-config")["data"], "REFINE_TRAIN_NODES": "2",
+            "REFINE_TRAIN_GPUS_PER_NODE": "8", "REFINE_RETRAIN_SERVICE_ACCOUNT": "refine-launcher"}
+    argv, env = cronjob_process("base", data)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = argv[argv.index("--config") + 1]
+    argv[argv.index("--config") + 1] = str(MANIFESTS / "base" / "retrain" / Path(config).name)  # the mounted file
+    clients: list[Any] = []
+    monkeypatch.setattr(kfp, "Client", lambda **kw: clients.append(FakeClient(**kw)) or clients[-1])
+    assert argv[0] == "refine" and refine_cli.main(argv[1:]) == 0
+    [client] = clients
+    assert client.kwargs["host"] == data["KFP_HOST"] and client.service_account == "refine-launcher"
+    launchers = launcher_tasks(client.package)
+    assert len(launchers) == 2  # the REFINE and NTP-baseline arms of the midtrain pipeline
+    assert all((p["num_nodes"], p["procs_per_node"], p["resume"]) == (2, 8, True) for p in launchers)
+    assert all(p["node_resources"]["limits"]["nvidia.com/gpu"] == "8" for p in launchers)
 
 
 @needs_kubectl
@@ -574,11 +626,15 @@ def test_workflow_installs_compiles_and_submits_with_ci_secrets() -> None:
     assert (REPO / re.search(r"\|\| '([^']+)'", job["env"]["CONFIG"]).group(1)).is_file()
 
 
-def test_workflow_commands_parse_with_the_refine_pipeline_cli() -> None:
+def test_workflow_commands_parse_with_the_refine_pipeline_cli(monkeypatch) -> None:
     cli = pytest.importorskip("pipelines.cli", reason="pipelines.cli (refine pipeline) is not importable")
     (job,) = workflow()["jobs"].values()
-    env = {name: re.search(r"\|\| '([^']+)'", value).group(1) for name, value in job["env"].items()}
+    env = {name: re.search(r"\|\| '([^']*)'", value).group(1) for name, value in job["env"].items()}
     env["KFP_HOST"] = "https://kfp.example.com"
+    # Nodes, GPUs per node and the run's account reach `refine pipeline submit` through its environment defaults.
+    assert {cli.NODES_ENV, cli.GPUS_PER_NODE_ENV, cli.SERVICE_ACCOUNT_ENV} <= set(job["env"])
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     parser = cli.build_parser()
     parsed = []
     for step in job["steps"]:
@@ -592,4 +648,7 @@ def test_workflow_commands_parse_with_the_refine_pipeline_cli() -> None:
             if args.command == "submit":
                 assert (args.pipeline, args.experiment, args.wait) == ("midtrain", "retrain", True)
                 assert (REPO / args.config).is_file()
+                assert (args.nodes, args.gpus_per_node, args.service_account) == (1, 1, None)  # a push: one GPU
     assert parsed == ["compile", "submit"]
+    inputs = workflow().get("on", workflow().get(True))["workflow_dispatch"]["inputs"]
+    assert (inputs["nodes"]["default"], inputs["gpus_per_node"]["default"]) == ("1", "1")

@@ -90,6 +90,7 @@ class FakeClient:
 
     def upload_pipeline_version(self, path: str, pipeline_version_name: str, pipeline_id: str):
         assert yaml.safe_load_all(Path(path).read_text())
+        self.package = Path(path).read_text()  # the compiled pipeline, as the cluster receives it
         self.calls.append(("upload_pipeline_version", pipeline_version_name, pipeline_id))
         return SimpleNamespace(pipeline_version_id=f"vid-{len(self.calls)}")
 
@@ -181,3 +182,62 @@ def test_print_config_on_run_and_submit_prints_the_resolved_config(capsys) -> No
         assert cli.main([*command, "--config", TINY, "refine.steps=7", "--print-config"]) == 0
         printed = yaml.safe_load(capsys.readouterr().out)
         assert printed["refine"]["steps"] == 7 and printed["name"]
+
+
+def launcher_tasks(package: str) -> list[dict[str, Any]]:
+    """The constant parameters of every launch-trainjob task of a compiled pipeline."""
+    spec = next(yaml.safe_load_all(package))
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+    return [{k: v["runtimeValue"]["constant"] for k, v in task["inputs"]["parameters"].items() if "runtimeValue" in v}
+            for dag in dags for task in dag["tasks"].values()
+            if task["componentRef"]["name"].startswith("comp-launch-trainjob")]
+
+
+def test_submit_on_2x8_gpus_builds_the_trainjob_pipeline_from_the_config(monkeypatch, caplog) -> None:
+    clients: list[FakeClient] = []
+    monkeypatch.setattr(kfp, "Client", lambda **kw: clients.append(FakeClient(**kw)) or clients[-1])
+    monkeypatch.delenv(cli.SERVICE_ACCOUNT_ENV, raising=False)
+    base = ["submit", "--host", "http://h", "--config", TINY, "--pipeline", "midtrain", "--nodes", "2",
+            "--gpus-per-node", "8", "trainjob.checkpoint_root=s3://refine/ckpt", "trainjob.node.memory=700Gi"]
+    assert cli.main([*base, "--service-account", "refine-launcher"]) == 0
+    launchers = launcher_tasks(clients[-1].package)
+    assert len(launchers) == 2  # both arms
+    for params in launchers:
+        assert (params["num_nodes"], params["procs_per_node"], params["resume"]) == (2, 8, True)
+        assert params["checkpoint_root"] == "s3://refine/ckpt"
+        assert params["node_resources"]["limits"] == {"cpu": "96", "memory": "700Gi", "nvidia.com/gpu": "8"}
+    assert clients[-1].service_account == "refine-launcher"
+    assert "TrainJobs" not in caplog.text
+    assert cli.main(base) == 0  # no account named: submitted, with a warning saying what is needed
+    assert clients[-1].service_account is None and "--service-account refine-launcher" in caplog.text
+
+
+def test_nodes_and_gpus_default_from_the_environment(monkeypatch, capsys) -> None:
+    base = ["submit", "--host", "http://h", "--config", TINY]
+    monkeypatch.setenv(cli.NODES_ENV, "2")
+    monkeypatch.setenv(cli.GPUS_PER_NODE_ENV, "8")
+    args = cli.build_parser().parse_args(base)
+    assert (args.nodes, args.gpus_per_node) == (2, 8)
+    assert cli.build_parser().parse_args([*base, "--nodes", "1"]).nodes == 1  # the flag wins
+    monkeypatch.setenv(cli.NODES_ENV, "")
+    assert cli.build_parser().parse_args(base).nodes == 1
+    monkeypatch.setenv(cli.NODES_ENV, "two")
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser()
+    assert exc.value.code == 2 and "$REFINE_TRAIN_NODES='two' must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_compile_takes_the_trainjob_section_of_a_config(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("trainjob:\n  launcher: {cpu: '2', memory: 8Gi}\n  keep_staged: true\n")
+    assert cli.main(["compile", "--pipeline", "pretrain", "--nodes", "2", "--gpus-per-node", "4", "--config",
+                     str(config), "--output", str(tmp_path)]) == 0
+    package = (tmp_path / "refine-pretrain-2x4gpu.yaml").read_text()
+    [params] = launcher_tasks(package)
+    assert params["keep_staged"] is True and params["node_resources"]["limits"]["nvidia.com/gpu"] == "4"
+    executors = next(yaml.safe_load_all(package))["deploymentSpec"]["executors"]
+    launcher = next(e for name, e in executors.items() if "launch-trainjob" in name)["container"]["resources"]
+    assert (launcher["resourceCpuRequest"], launcher["resourceMemoryLimit"]) == ("2", "8Gi")
+    config.write_text("trainjob:\n  node: {cpu: plenty}\n")
+    assert cli.main(["compile", "--pipeline", "pretrain", "--gpus-per-node", "2", "--config", str(config),
+                     "--output", str(tmp_path)]) == 2

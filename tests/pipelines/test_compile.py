@@ -25,6 +25,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 
 from components import _image
 from pipelines import PIPELINES, _k8s, load_pipeline
+from refine_core.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_SECRETS = {
@@ -38,10 +39,15 @@ GPU_COMPONENTS = {"train-refine", "train-ntp", "post-train", "ttt-evaluate"}
 LAUNCHER = "launch-trainjob"
 MLFLOW_COMPONENTS = GPU_COMPONENTS | {"start-run", "finish-run", "compare-report", "register-model", LAUNCHER}
 # Builds whose data-parallel training stage runs as a TrainJob: name -> (pipeline, placement).
+# A config's trainjob section, as `refine pipeline submit --config` applies it (the other builds use the defaults).
+CONFIGURED = load_config(None, ["trainjob.node={cpu: '90', memory: 700Gi, memory_limit: 720Gi}",
+                                "trainjob.launcher={cpu: 500m, memory: 2Gi}", "trainjob.keep_staged=true",
+                                "trainjob.checkpoint_root=s3://refine-ckpt/midtrain"]).trainjob
 DISTRIBUTED = {
     "full-2x8gpu": ("full", _k8s.TrainPlacement(nodes=2, gpus_per_node=8)),
     "midtrain-1x4gpu": ("midtrain", _k8s.TrainPlacement(nodes=1, gpus_per_node=4)),
     "pretrain-4x1gpu": ("pretrain", _k8s.TrainPlacement(nodes=4, gpus_per_node=1)),
+    "midtrain-2x8gpu-configured": ("midtrain", _k8s.TrainPlacement(nodes=2, gpus_per_node=8, trainjob=CONFIGURED)),
 }
 RUN_ID_PLACEHOLDER = "{{$.pipeline_job_uuid}}"
 
@@ -166,9 +172,8 @@ def test_every_task_gets_tracking_uri_from_the_config_map_and_credentials_only_f
             container_env = {e["name"] for e in c.container(task).get("env", [])}
             assert not container_env & {*FAKE_SECRETS, "MLFLOW_TRACKING_URI"}, (task, container_env)
             assert "activeDeadlineSeconds" in k8s and "retryPolicy" in c.tasks[task]
-            if c.component(task) not in GPU_COMPONENTS:
-                if c.component(task) != LAUNCHER:  # its GPUs are the TrainJob's, passed through (below)
-                    assert "accelerator" not in c.container(task).get("resources", {}), task
+            if c.component(task) not in GPU_COMPONENTS:  # the launcher too: its GPUs are the TrainJob's
+                assert "accelerator" not in c.container(task).get("resources", {}), task
                 assert c.container(task)["image"] == _image.REFINE_CPU_IMAGE
 
 
@@ -265,6 +270,11 @@ def test_image_references_come_from_one_place_and_follow_the_environment() -> No
             assert not re.search(r"base_image=['\"]", path.read_text()), path
 
 
+def launcher_constants(c: Compiled, task: str) -> dict[str, Any]:
+    params = c.tasks[task]["inputs"]["parameters"]
+    return {k: v["runtimeValue"]["constant"] for k, v in params.items() if "runtimeValue" in v}
+
+
 def test_multi_gpu_training_goes_through_the_trainjob_launcher(compiled: dict[str, Compiled]) -> None:
     for name, (pipeline, placement) in DISTRIBUTED.items():
         c = compiled[name]
@@ -275,19 +285,27 @@ def test_multi_gpu_training_goes_through_the_trainjob_launcher(compiled: dict[st
         per_node = _k8s.per_node(_k8s.MIDTRAIN, placement.gpus_per_node)
         for task in launchers:
             params = c.tasks[task]["inputs"]["parameters"]
-            constant = {k: v["runtimeValue"]["constant"] for k, v in params.items() if "runtimeValue" in v}
+            constant = launcher_constants(c, task)
             assert constant["stage"] == stage
             assert (constant["num_nodes"], constant["procs_per_node"]) == (placement.nodes, placement.gpus_per_node)
             assert constant["timeout_s"] == per_node.timeout_s
+            assert constant["resume"] is True  # a retried task resumes from its trainers' last checkpoint
             assert "staging_uri" not in params, "the staging location comes from the ConfigMap, not the IR"
             assert _artifact_from(c.tasks[task], "data", c) == ("prepare-data", "dataset")
-            # Per-node resources, handed to the TrainJob through the task config (not applied to this small pod).
+            # The launcher's own pod is small and has no GPU; each node's resources are a parameter of the task.
             resources = c.container(task)["resources"]
-            assert resources["accelerator"]["resourceCount"] == str(placement.gpus_per_node)
-            assert resources["resourceCpuLimit"] == per_node.cpu and resources["resourceMemoryLimit"] == per_node.memory
+            launcher = placement.trainjob.launcher
+            assert "accelerator" not in resources
+            assert (resources["resourceCpuRequest"], resources["resourceMemoryRequest"]) == (launcher.cpu,
+                                                                                               launcher.memory)
+            gpus = str(placement.gpus_per_node)
+            if placement.trainjob.node.cpu is None:  # sized from the GPUs
+                assert constant["node_resources"] == {
+                    section: {"cpu": per_node.cpu, "memory": per_node.memory, "nvidia.com/gpu": gpus}
+                    for section in ("requests", "limits")}
             passthrough = c.spec["components"][c.tasks[task]["componentRef"]["name"]]["taskConfigPassthroughs"]
             applied = {p["field"]: p.get("applyToTask", False) for p in passthrough}
-            assert applied == {"RESOURCES": False, "KUBERNETES_TOLERATIONS": False, "KUBERNETES_NODE_SELECTOR": False,
+            assert applied == {"RESOURCES": True, "KUBERNETES_TOLERATIONS": False, "KUBERNETES_NODE_SELECTOR": False,
                                "KUBERNETES_VOLUMES": True, "ENV": True}
             k8s = c.k8s(task)
             assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s["tolerations"]
@@ -296,10 +314,40 @@ def test_multi_gpu_training_goes_through_the_trainjob_launcher(compiled: dict[st
             optional = [m for m in k8s["configMapAsEnv"] if m["optional"]][0]
             assert {"configMapKey": "REFINE_STAGING_URI", "envVar": "REFINE_STAGING_URI"} in optional["keyToEnv"]
             assert int(k8s["activeDeadlineSeconds"]) == per_node.timeout_s + 3600  # room to stage and copy back
+            assert c.tasks[task]["retryPolicy"]["maxRetryCount"] == per_node.retries
             assert c.tasks[task]["cachingOptions"].get("enableCache", False) is False
         if pipeline == "full":  # only mid-training is data-parallel; the later stages stay one-GPU pods
             for task in c.of("post-train") + c.of("ttt-evaluate"):
                 assert c.container(task)["resources"]["accelerator"]["resourceCount"] == "1"
+
+
+def test_a_2x8_gpu_build_carries_the_configured_resources_checkpoint_root_and_resume_flag(
+    compiled: dict[str, Compiled],
+) -> None:
+    """The compiled YAML of a 2-node x 8-GPU mid-training build with a config's trainjob section: what each
+    TrainJob will get (nodes, processes, resourcesPerNode), where its checkpoints go and that it resumes."""
+    c = compiled["midtrain-2x8gpu-configured"]
+    for task in c.of(LAUNCHER):
+        constant = launcher_constants(c, task)
+        assert (constant["num_nodes"], constant["procs_per_node"]) == (2, 8)
+        assert constant["node_resources"] == {
+            "requests": {"cpu": "90", "memory": "700Gi", "nvidia.com/gpu": "8"},
+            "limits": {"cpu": "90", "memory": "720Gi", "nvidia.com/gpu": "8"},
+        }
+        assert constant["checkpoint_root"] == "s3://refine-ckpt/midtrain" and constant["resume"] is True
+        assert constant["keep_staged"] is True
+        resources = c.container(task)["resources"]
+        assert {k: resources[k] for k in ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest",
+                                          "resourceMemoryLimit")} == {
+            "resourceCpuRequest": "500m", "resourceCpuLimit": "500m", "resourceMemoryRequest": "2Gi",
+            "resourceMemoryLimit": "2Gi"}
+    # The default build: checkpoints under the staging prefix, staged data deleted.
+    for task in compiled["full-2x8gpu"].of(LAUNCHER):
+        constant = launcher_constants(compiled["full-2x8gpu"], task)
+        assert constant["checkpoint_root"] == "" and constant["keep_staged"] is False and constant["resume"] is True
+    text = c.text
+    for value in FAKE_SECRETS.values():
+        assert value not in text
 
 
 def test_a_pipeline_without_a_data_parallel_stage_refuses_a_multi_gpu_placement() -> None:
