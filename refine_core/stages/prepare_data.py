@@ -182,10 +182,11 @@ def prepare_data(cfg: RunConfig) -> PrepareResult:
 def train_data_tokenizer(cfg: RunConfig, out_dir: Path) -> Tokenizer:
     """A byte-level BPE tokenizer of ``data.tokenizer_vocab_size`` tokens trained on the sources, saved in ``out_dir``.
 
-    Each of the ``n`` sources contributes its first documents, in order, up to ``data.tokenizer_train_chars / n``
-    characters (the last one taken whole), so a small source is not drowned by a large one. The training reads the
-    sources once more than tokenizing does; the held-out split is decided later, so the (few) held-out-loss documents
-    may be among the training text of the tokenizer (they are never evaluation tasks).
+    Each of the ``n`` sources contributes about ``data.tokenizer_train_chars / n`` characters, so a small source is
+    not drowned by a large one, spread over the whole source: when its document count is known ahead
+    (:func:`~refine_core.data.sources.count_documents`) every ``k``-th document is taken, ``k`` estimated from the
+    mean length of its first 16 documents; otherwise its first documents. The held-out split is decided later, so
+    the (few) held-out-loss documents may be among the tokenizer's training text (they are never evaluation tasks).
     """
     data = cfg.data
     assert data.tokenizer_vocab_size is not None
@@ -193,12 +194,18 @@ def train_data_tokenizer(cfg: RunConfig, out_dir: Path) -> Tokenizer:
 
     def texts() -> Any:
         for source in data.sources:
+            total = sources_lib.count_documents(source, cfg.model.cache_dir)
+            docs = sources_lib.iter_documents(source, cfg.model.cache_dir)
+            head = list(itertools.islice(docs, 16))
+            mean = sum(len(d.text) for d in head) / max(1, len(head))
+            every = 1 if total is None else max(1, round(total * mean / share))
             taken = 0
-            for doc in sources_lib.iter_documents(source, cfg.model.cache_dir):
+            for i, doc in enumerate(itertools.chain(head, docs)):
                 if taken >= share:
                     break
-                taken += len(doc.text)
-                yield doc.text
+                if i % every == 0:
+                    taken += len(doc.text)
+                    yield doc.text
 
     logger.info("training a byte-level BPE tokenizer of %d tokens on up to %d characters of the sources",
                 data.tokenizer_vocab_size, share * len(data.sources))
