@@ -162,3 +162,27 @@ def test_heldout_from_prompts_covers_questions() -> None:
     short = HeldOut.from_prompts([format_ruler_qa_prompt(["He was born in 1950."], "Q?")])
     assert short.holds("Elsewhere: he was born in 1950. Unrelated.") is None
     assert short.holds("He was born in 1950.") == "unit"
+
+
+@pytest.mark.slow
+def test_the_repro_corpus_holds_out_the_shared_ruler_squad_files() -> None:
+    """configs/repro/corpus.yaml on the real ../shared/data (skipped where it is absent): no training document
+    shares a 13-word run with the held-out RULER SQuAD files, and those files' passages are really held out."""
+    import os
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    if not (repo.parent / "shared" / "data" / "ruler").is_dir():
+        pytest.skip("../shared/data is not on this machine")
+    source = yaml.safe_load((repo / "configs" / "repro" / "corpus.yaml").read_text())["data"]["sources"][0]
+    cwd = os.getcwd()
+    os.chdir(repo)  # the config names ../shared/data relative to the repository
+    try:
+        corpus = PassageCorpus(source["passage_files"], source["heldout_files"], source["passage_doc_chars"])
+        docs = list(corpus.documents())
+        held = load_heldout(source["heldout_files"])
+    finally:
+        os.chdir(cwd)
+    assert len(held.units) > 200 and corpus.stats["documents"] == len(docs) > 2000
+    assert find_leaks([d.text for d in docs], held) == []
