@@ -260,13 +260,28 @@ def provenance_table(runs: dict[tuple[str, int], Run]) -> str:
     return "\n".join(lines)
 
 
-def render(runs: dict[tuple[str, int], Run]) -> str:
+def calibration_table(calibration: dict[str, Any]) -> str:
+    """``bench/repro.py calibrate``'s measured step times and the projected time of each arm."""
+    rows = [("NTP step (32 × 4,096 tokens)", f"{calibration['ntp_step_s']:.3f} s"),
+            ("NTP tokens/s", f"{calibration['ntp_tokens_per_s']:,.0f}"),
+            ("REFINE mid-training step (32 documents, 4 optimizer steps)", f"{calibration['refine_step_s']:.3f} s"),
+            ("base pre-training, projected", f"{calibration['base_projected_s'] / 60:.1f} min"),
+            ("mid-ntp, projected", f"{calibration['mid_ntp_projected_s'] / 60:.1f} min"),
+            ("mid-refine, projected", f"{calibration['mid_refine_projected_s'] / 60:.1f} min")]
+    head = f"Measured on {calibration.get('card', '?')} ({calibration.get('date', '?')}, commit " \
+           f"{str(calibration.get('commit', '?'))[:9]}), steps after the first (which compile):"
+    return head + "\n\n| quantity | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def render(runs: dict[tuple[str, int], Run], calibration: dict[str, Any] | None = None) -> str:
     """The whole results section (Markdown)."""
+    parts = ["### Step times (`bench/repro.py calibrate`)", calibration_table(calibration)] if calibration else []
     if not runs:
-        return "No device run has happened yet: there are no results. EXPERIMENTS.md says how to produce them.\n"
+        return "\n\n".join([*parts, "No device run of the study has happened yet: there are no results. "
+                              "EXPERIMENTS.md says how to produce them."]) + "\n"
     mid, mid_verdicts = midtraining_tables(runs)
     post, post_verdicts = post_tables(runs)
-    parts = ["### Mid-training (RULER NIAH by group and length, held-out RULER-QA; ×100)", mid]
+    parts += ["### Mid-training (RULER NIAH by group and length, held-out RULER-QA; ×100)", mid]
     if post:
         parts += ["### Post-training and test-time training (held-out SQuAD-QA at 2K; ×100)", post]
     verdicts = mid_verdicts + post_verdicts
@@ -334,7 +349,8 @@ def report(study: Any, experiments: Path | None, tracking_uri: str | None) -> st
     import yaml
 
     runs = load_runs(study.results)
-    tables = render(runs)
+    calibration_file = study.results / "calibration.json"
+    tables = render(runs, json.loads(calibration_file.read_text()) if calibration_file.is_file() else None)
     study.results.mkdir(parents=True, exist_ok=True)
     (study.results / "tables.md").write_text(tables)
     if experiments is not None:

@@ -93,7 +93,10 @@ def test_tables_from_known_scores(tmp_path: Path) -> None:
     assert "| +50.0 |" in s_row and "| yes |" in s_row and f"| {expected_p:.3g} |" in s_row
     assert "8 (4 differ, exact)" in s_row
     assert "REFINE − NTP on SQuAD-QA" in tables
-    assert render({}).startswith("No device run has happened yet")
+    assert render({}).startswith("No device run of the study has happened yet")
+    calibration = {"ntp_step_s": 0.25, "ntp_tokens_per_s": 524288.0, "refine_step_s": 1.0, "base_projected_s": 600.0,
+                   "mid_ntp_projected_s": 30.0, "mid_refine_projected_s": 100.0, "card": "H100", "commit": "abc"}
+    assert "| base pre-training, projected | 10.0 min |" in render({}, calibration)
 
     doc = tmp_path / "EXP.md"
     doc.write_text(f"intro\n{BEGIN}\nold\n{END}\noutro\n")
