@@ -63,8 +63,10 @@ class ModelConfig:
 class SourceConfig:
     """One corpus to read long documents from."""
 
-    # A local file or directory (parquet / jsonl / json / txt), a glob, a hub dataset name (``hf://org/name``), or
-    # ``synthetic`` for a seeded generated corpus that needs no files (used by the tiny configs and tests).
+    # A local file or directory (parquet / jsonl / json / txt), a glob, a hub dataset name (``hf://org/name``),
+    # ``synthetic`` for a seeded generated corpus that needs no files (used by the tiny configs and tests),
+    # ``synthetic_recall`` for seeded documents that state facts and recall them much later, or ``passages`` for the
+    # passages of LongBench / RULER task files with evaluation passages held out (refine_core.data.passages).
     path: str = "synthetic"
     # Column holding the document text.
     text_column: str = "text"
@@ -78,6 +80,12 @@ class SourceConfig:
     synthetic_words: int = 400
     # ``synthetic`` only: selects the generated documents (the vocabulary is the same for every seed).
     synthetic_seed: int = 0
+    # ``passages`` only: the LongBench / RULER QA parquet files (paths, directories or globs) whose prompts' passages
+    # make the documents; the evaluation files whose every passage and sentence is held out; characters per packed
+    # document (about data.max_tokens x the tokenizer's characters per token).
+    passage_files: list[str] = field(default_factory=list)
+    heldout_files: list[str] = field(default_factory=list)
+    passage_doc_chars: int = 16000
 
 
 @dataclass
@@ -97,6 +105,12 @@ class DataConfig:
     shard_docs: int = 1024
     # Where the prepared shards and manifest go (``{output_dir}/data`` when ``None``).
     prepared_dir: str | None = None
+    # Train a byte-level BPE tokenizer with this many tokens (its two specials included) on the sources' documents
+    # and tokenize with it instead of model.tokenizer; it is saved with the data like any tokenizer
+    # ({prepared_dir}/tokenizer). ``None``: use model.tokenizer. Only for a model trained from scratch.
+    tokenizer_vocab_size: int | None = None
+    # Characters of text the tokenizer is trained on: an equal share from each source, its first documents.
+    tokenizer_train_chars: int = 20_000_000
 
     def __post_init__(self) -> None:
         if self.min_tokens < 2:
@@ -108,6 +122,13 @@ class DataConfig:
             )
         if self.eval_docs < 0:
             raise ConfigError(f"data.eval_docs={self.eval_docs} must be >= 0.")
+        if self.tokenizer_vocab_size is not None and self.tokenizer_vocab_size < 258:
+            raise ConfigError(
+                f"data.tokenizer_vocab_size={self.tokenizer_vocab_size} is too small: a byte-level BPE needs the 256 "
+                "byte symbols and 2 special tokens (use e.g. 8192), or null to use model.tokenizer."
+            )
+        if self.tokenizer_train_chars < 1:
+            raise ConfigError(f"data.tokenizer_train_chars={self.tokenizer_train_chars} must be >= 1.")
 
 
 def _check_resume(section: str, value: bool | str) -> None:
@@ -439,7 +460,9 @@ class TTTConfig:
 class RulerQAConfig:
     """Building RULER QA train/test files from SQuAD or HotpotQA source files (spec §3, §5.1, §9.2)."""
 
-    # SQuAD v2 dev JSON (``squad``) or HotpotQA dev distractor JSON (``hotpotqa``).
+    # SQuAD v2 dev JSON (``squad``), HotpotQA dev distractor JSON (``hotpotqa``), or RULER QA task files of one
+    # dataset, a path, directory or glob (``ruler``: the questions and passages rebuilt from them,
+    # refine_core.data.ruler_qa_source).
     source_path: str | None = None
     source_format: str = "squad"
     # Target sequence length (prompt + 32 answer tokens), rows per split, where the files go.
@@ -452,10 +475,13 @@ class RulerQAConfig:
     name: str | None = None
     # ``ruler``: RULER's shared shuffle per prompt size; ``random``: one shuffle per prompt (no position bias).
     doc_order: str = "ruler"
+    # Also keep out of the train file every question sharing a gold document with a test question (SQuAD asks
+    # several questions about one paragraph).
+    disjoint_gold: bool = False
 
     def __post_init__(self) -> None:
-        if self.source_format not in ("squad", "hotpotqa"):
-            raise ConfigError(f"ruler_qa.source_format={self.source_format!r}; use 'squad' or 'hotpotqa'.")
+        if self.source_format not in ("squad", "hotpotqa", "ruler"):
+            raise ConfigError(f"ruler_qa.source_format={self.source_format!r}; use 'squad', 'hotpotqa' or 'ruler'.")
         if self.doc_order not in ("ruler", "random"):
             raise ConfigError(f"ruler_qa.doc_order={self.doc_order!r}; use 'ruler' or 'random'.")
 

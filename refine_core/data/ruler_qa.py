@@ -74,7 +74,7 @@ RULER_QA_COLUMNS = ("index", "prompt", "answer", "prompt_length", "max_answer_le
 # Source format -> task name (the scorer key and the file-name prefix).
 SOURCE_TASKS = {"squad": "ruler_squadqa", "hotpotqa": "ruler_hotpotqa"}
 
-SourceFormat = Literal["squad", "hotpotqa"]
+SourceFormat = Literal["squad", "hotpotqa", "ruler"]
 DocOrder = Literal["ruler", "random"]
 
 
@@ -607,16 +607,18 @@ def make_ruler_qa(
     that is in the test file.
 
     Args:
-        source_path: SQuAD v2 dev JSON (``source_format="squad"``) or HotpotQA dev distractor JSON
-            (``"hotpotqa"``).
-        source_format: ``"squad"`` or ``"hotpotqa"``.
+        source_path: SQuAD v2 dev JSON (``source_format="squad"``), HotpotQA dev distractor JSON
+            (``"hotpotqa"``), or RULER QA task files of one dataset, a path, directory or glob (``"ruler"``,
+            :func:`refine_core.data.ruler_qa_source.read_ruler_qa_files`).
+        source_format: ``"squad"``, ``"hotpotqa"`` or ``"ruler"``.
         tokenizer_spec: a :class:`~refine_core.tokenizer.Tokenizer` or a :func:`~refine_core.tokenizer.load_tokenizer`
             spec; use the model's tokenizer (spec §9.2: the files are per model).
         max_seq_length: 4096, 8192, 16384, ...
         num_train, num_test: rows per split (0 skips the split).
         out_dir: where the files go.
         seed: RULER's seed (42 by default there); also seeds the split.
-        task: the ``task`` column; default from ``source_format`` (``ruler_squadqa`` / ``ruler_hotpotqa``).
+        task: the ``task`` column; default from ``source_format`` (``ruler_squadqa`` / ``ruler_hotpotqa``; for
+            ``ruler``, the files' own task).
         name: the model part of the file name (official: ``lact``, ``delta_net``); default from the tokenizer.
         max_answer_tokens, doc_step, doc_order: see :func:`build_ruler_qa`.
         test_first, disjoint_gold: see :func:`split_questions`.
@@ -625,13 +627,20 @@ def make_ruler_qa(
     Returns:
         ``{"test": path, "train": path}`` for the splits written.
     """
-    if source_format not in SOURCE_TASKS:
-        raise ValueError(f"source_format={source_format!r}; use 'squad' (RULER qa_1) or 'hotpotqa' (RULER qa_2).")
+    if source_format not in (*SOURCE_TASKS, "ruler"):
+        raise ValueError(f"source_format={source_format!r}; use 'squad' (RULER qa_1), 'hotpotqa' (RULER qa_2) or "
+                         "'ruler' (RULER QA task files).")
     if num_train < 0 or num_test < 0 or num_train + num_test == 0:
         raise ValueError(f"num_train={num_train}, num_test={num_test}: ask for at least one row (spec §3: 1600/200).")
-    task = task or SOURCE_TASKS[source_format]
-    source = (read_hotpotqa(source_path, gold=hotpot_gold) if source_format == "hotpotqa"
-              else read_squad(source_path))
+    if source_format == "ruler":
+        from refine_core.data.ruler_qa_source import read_ruler_qa_files  # it reads QASource from here
+
+        source = read_ruler_qa_files(source_path)
+        task = task or source.name
+    else:
+        task = task or SOURCE_TASKS[source_format]
+        source = (read_hotpotqa(source_path, gold=hotpot_gold) if source_format == "hotpotqa"
+                  else read_squad(source_path))
     tokenizer = tokenizer_spec if isinstance(tokenizer_spec, Tokenizer) else load_tokenizer(tokenizer_spec)
     name = _file_name_part(name or tokenizer.name)
     test_order, train_order = question_orders(source, seed, test_first=test_first)

@@ -11,7 +11,11 @@ data's manifest. ``SourceConfig.path`` may be:
 * ``s3://bucket/prefix`` (downloaded once with :func:`refine_core.storage.resolve`, then read as a directory);
 * ``hf://org/name``: a hub dataset streamed with ``datasets.load_dataset(name, subset, split=..., streaming=True)``
   (the ``datasets`` extra; nothing else imports it);
-* ``synthetic``: :func:`synthetic_documents`, pseudo-English with learnable structure that needs no files.
+* ``synthetic``: :func:`synthetic_documents`, pseudo-English with learnable structure that needs no files;
+* ``synthetic_recall``: :func:`refine_core.data.synthetic_recall.synthetic_recall_documents`, the same language with
+  facts stated and recalled much later (``synthetic_docs`` / ``synthetic_words`` / ``synthetic_seed`` as above);
+* ``passages``: :class:`refine_core.data.passages.PassageCorpus`, the passages of LongBench / RULER task files
+  (``passage_files``) packed into long documents, every passage and sentence of ``heldout_files`` held out.
 
 Document ids are ``{file path relative to the source root}:{row}`` for files (stable across machines), so they can
 seed the held-out split.
@@ -67,6 +71,12 @@ def iter_documents(source: SourceConfig, cache_dir: str | os.PathLike[str] = DEF
 def _iter_all(source: SourceConfig, cache_dir: str | os.PathLike[str]) -> Iterator[Document]:
     if source.path == "synthetic":
         return synthetic_documents(source.synthetic_docs, source.synthetic_words, source.synthetic_seed)
+    if source.path == "synthetic_recall":
+        from refine_core.data.synthetic_recall import synthetic_recall_documents  # it builds on this module
+
+        return synthetic_recall_documents(source.synthetic_docs, source.synthetic_words, source.synthetic_seed)
+    if source.path == "passages":
+        return _iter_passages(source)
     if source.path.startswith("hf://"):
         return _iter_hub(source)
     return _iter_files(source, cache_dir)
@@ -82,9 +92,9 @@ def count_documents(source: SourceConfig, cache_dir: str | os.PathLike[str] = DE
     ``None``: reading it for real reports the problem with the message that names the fix.
     """
     limit = source.max_docs
-    if source.path == "synthetic":
+    if source.path in ("synthetic", "synthetic_recall"):
         total: int | None = source.synthetic_docs
-    elif source.path.startswith("hf://"):
+    elif source.path.startswith("hf://") or source.path == "passages":
         return None
     else:
         try:
@@ -276,6 +286,14 @@ def _iter_json(path: Path, name: str, column: str) -> Iterator[Document]:
         raise ValueError(f"{path} holds a JSON {type(data).__name__}; expected a list of records or a mapping.")
 
 
+def _iter_passages(source: SourceConfig) -> Iterator[Document]:
+    from refine_core.data.passages import PassageCorpus
+
+    corpus = PassageCorpus(source.passage_files, source.heldout_files, source.passage_doc_chars)
+    for doc in corpus.documents():
+        yield Document(id=doc.id, text=doc.text)
+
+
 # ----------------------------------------------------------------------------------------------------------- hub
 
 
@@ -375,65 +393,82 @@ def _zipf(rng: random.Random, options: list[str] | tuple[str, ...]) -> str:
     return rng.choices(options, weights=[1.0 / (i + 1) for i in range(len(options))])[0]
 
 
-def _synthetic_document(index: int, words: int, seed: int) -> str:
-    lang = _get_language()
-    rng = random.Random(f"refine-synthetic:{_SYNTHETIC_VERSION}:{seed}:{index}")
-    cast = [f"{rng.choice(lang.first_names)} {rng.choice(lang.last_names)}" for _ in range(3)]
-    places = rng.sample(lang.places, 2)
-    motif = rng.choice(_NOUNS)
-    introduced: set[str] = set()
+class ProseWriter:
+    """Sentences of the synthetic language about one document's cast: three named characters (full name at first
+    mention, first name after), two places and a motif noun, all drawn from ``rng``.
 
-    def character() -> str:
-        full = _zipf(rng, cast)
-        if full in introduced:
+    :func:`synthetic_documents` writes whole documents with it; :mod:`refine_core.data.synthetic_recall` interleaves
+    its sentences with stated and recalled facts. The draws from ``rng`` happen in a fixed order, so a document is a
+    function of the seed of ``rng`` alone.
+    """
+
+    def __init__(self, rng: random.Random) -> None:
+        lang = _get_language()
+        self.rng, self.lang = rng, lang
+        self.cast = [f"{rng.choice(lang.first_names)} {rng.choice(lang.last_names)}" for _ in range(3)]
+        self.places = rng.sample(lang.places, 2)
+        self.motif = rng.choice(_NOUNS)
+        self.introduced: set[str] = set()
+
+    def character(self) -> str:
+        full = _zipf(self.rng, self.cast)
+        if full in self.introduced:
             return full.split()[0]  # later mentions use the first name: a copy task across the document
-        introduced.add(full)
+        self.introduced.add(full)
         return full
 
-    def noun_phrase(noun: str) -> str:
-        if rng.random() < 0.5:
-            return f"the {_zipf(rng, lang.noun_adjs[noun])} {noun}"
+    def noun_phrase(self, noun: str) -> str:
+        if self.rng.random() < 0.5:
+            return f"the {_zipf(self.rng, self.lang.noun_adjs[noun])} {noun}"
         return f"the {noun}"
 
-    def clause() -> str:
+    def clause(self) -> str:
+        rng, lang = self.rng, self.lang
         if rng.random() < 0.45:
-            subject, subject_noun = character(), rng.choice(_PEOPLE)
+            subject, subject_noun = self.character(), rng.choice(_PEOPLE)
         else:
-            subject_noun = motif if rng.random() < 0.3 else rng.choice(_NOUNS + _PEOPLE)
-            subject = noun_phrase(subject_noun)
+            subject_noun = self.motif if rng.random() < 0.3 else rng.choice(_NOUNS + _PEOPLE)
+            subject = self.noun_phrase(subject_noun)
         verb = _zipf(rng, lang.noun_verbs[subject_noun])
         obj = _zipf(rng, lang.verb_objects[verb])
-        text = f"{subject} {verb} {noun_phrase(obj)}"
+        text = f"{subject} {verb} {self.noun_phrase(obj)}"
         roll = rng.random()
         if roll < 0.25:
-            text += f" {_zipf(rng, lang.noun_preps[obj])} {noun_phrase(rng.choice(_NOUNS))}"
+            text += f" {_zipf(rng, lang.noun_preps[obj])} {self.noun_phrase(rng.choice(_NOUNS))}"
         elif roll < 0.4:
             text += f" {_zipf(rng, lang.verb_adverbs[verb])}"
         elif roll < 0.5:
-            text += f" in {_zipf(rng, places)}"
+            text += f" in {_zipf(rng, self.places)}"
         return text
 
-    def sentence() -> str:
+    def sentence(self) -> str:
+        rng = self.rng
         roll = rng.random()
         if roll < 0.2:
-            text = f"{clause()}, and {clause()}"
+            text = f"{self.clause()}, and {self.clause()}"
         elif roll < 0.3:
-            text = f"in {_zipf(rng, places)}, {clause()}"
+            text = f"in {_zipf(rng, self.places)}, {self.clause()}"
         elif roll < 0.4:
-            quoted = clause()
-            text = f'"{quoted[0].upper()}{quoted[1:]}," said {character()}'
+            quoted = self.clause()
+            text = f'"{quoted[0].upper()}{quoted[1:]}," said {self.character()}'
         else:
-            text = clause()
+            text = self.clause()
         end = "?" if roll > 0.97 else "."
         return text[0].upper() + text[1:] + end
 
-    title = f"The {motif.capitalize()} of {places[0]}"
+    def title(self) -> str:
+        return f"The {self.motif.capitalize()} of {self.places[0]}"
+
+
+def _synthetic_document(index: int, words: int, seed: int) -> str:
+    rng = random.Random(f"refine-synthetic:{_SYNTHETIC_VERSION}:{seed}:{index}")
+    prose = ProseWriter(rng)
     paragraphs: list[str] = []
     remaining = words
     while remaining > 0:
         para: list[str] = []
         for _ in range(rng.randint(3, 7)):
-            s = sentence()
+            s = prose.sentence()
             n = len(s.split())
             if n >= remaining:
                 s = " ".join(s.split()[:remaining]).rstrip(",.?\"") + "."
@@ -443,7 +478,7 @@ def _synthetic_document(index: int, words: int, seed: int) -> str:
             para.append(s)
             remaining -= n
         paragraphs.append(" ".join(para))
-    return title + "\n\n" + "\n\n".join(paragraphs) + "\n"
+    return prose.title() + "\n\n" + "\n\n".join(paragraphs) + "\n"
 
 
 def synthetic_documents(num_docs: int, words: int, seed: int = 0) -> Iterator[Document]:
@@ -482,6 +517,21 @@ def fingerprint(source: SourceConfig, cache_dir: str | os.PathLike[str] = DEFAUL
     if source.path == "synthetic":
         settings.update(version=_SYNTHETIC_VERSION, docs=source.synthetic_docs, words=source.synthetic_words,
                         seed=source.synthetic_seed)
+    elif source.path == "synthetic_recall":
+        from refine_core.data.synthetic_recall import SYNTHETIC_RECALL_VERSION
+
+        settings.update(version=SYNTHETIC_RECALL_VERSION, docs=source.synthetic_docs, words=source.synthetic_words,
+                        seed=source.synthetic_seed)
+    elif source.path == "passages":
+        from refine_core.data.passages import PASSAGES_VERSION
+        from refine_core.data.tasks import expand_task_files
+
+        def stat(patterns: list[str]) -> list[tuple[str, int, int]]:
+            files = expand_task_files(patterns) if patterns else []
+            return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+        settings.update(version=PASSAGES_VERSION, doc_chars=source.passage_doc_chars,
+                        files=stat(source.passage_files), heldout=stat(source.heldout_files))
     elif source.path.startswith("hf://"):
         settings.update(subset=source.subset, split=source.split)
     else:

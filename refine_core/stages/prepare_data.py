@@ -17,7 +17,9 @@ with a smaller key is written when it is displaced. Eval documents are written i
 The output (see :mod:`refine_core.data.shards`) is built in a temporary sibling directory and renamed into place
 only when complete; an existing prepared directory is replaced only after the new one is complete, and a
 directory that is not a prepared one is never replaced. The tokenizer is saved into ``{prepared_dir}/tokenizer``
-so later stages use exactly the same one.
+so later stages use exactly the same one. With ``data.tokenizer_vocab_size`` set, the stage first trains a
+byte-level BPE tokenizer of that size on the sources (:func:`train_data_tokenizer`) and uses it instead of
+``model.tokenizer``.
 
 Progress (:class:`refine_core.progress.Progress`): documents read out of the total where every source's size is
 known ahead (:func:`refine_core.data.sources.count_documents`), with the rate, an ETA and the documents and tokens
@@ -44,7 +46,7 @@ from refine_core.config import ModelConfig, RunConfig, to_dict
 from refine_core.data import sources as sources_lib
 from refine_core.data.shards import MANIFEST_FILE, SCHEMA_VERSION, TOKENIZER_DIR, ShardWriter, write_manifest
 from refine_core.progress import Progress
-from refine_core.tokenizer import Tokenizer, load_tokenizer
+from refine_core.tokenizer import Tokenizer, load_tokenizer, train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -131,21 +133,30 @@ def prepare_data(cfg: RunConfig) -> PrepareResult:
             output directory cannot be replaced (each message says what to change).
     """
     out = cfg.prepared_dir
-    spec = tokenizer_spec(cfg.model)
-    tokenizer = load_tokenizer(spec, cfg.model.cache_dir)
-    logger.info(
-        "preparing data into %s with tokenizer %r (vocab %d, fingerprint %s)",
-        out,
-        tokenizer.name,
-        tokenizer.vocab_size,
-        tokenizer.fingerprint()[:12],
-    )
+    vocab = cfg.data.tokenizer_vocab_size
+    if vocab is not None and cfg.model.source is not None:
+        raise ValueError(
+            f"data.tokenizer_vocab_size={vocab} trains a new tokenizer, but model.source={cfg.model.source!r} is a "
+            "pretrained model with its own: set data.tokenizer_vocab_size=null (or model.source=null to train a "
+            "model from scratch)."
+        )
+    spec = tokenizer_spec(cfg.model) if vocab is None else f"bpe-{vocab} trained on data.sources"
+    tokenizer = load_tokenizer(spec, cfg.model.cache_dir) if vocab is None else None
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:12]}")
     tmp.mkdir()
     try:
+        if tokenizer is None:
+            tokenizer = train_data_tokenizer(cfg, tmp / TOKENIZER_DIR)
+        logger.info(
+            "preparing data into %s with tokenizer %r (vocab %d, fingerprint %s)",
+            out,
+            tokenizer.name,
+            tokenizer.vocab_size,
+            tokenizer.fingerprint()[:12],
+        )
         manifest = _write_splits(cfg, tokenizer, spec, tmp)
         tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         write_manifest(tmp, manifest)  # last: its presence marks the directory complete
@@ -166,6 +177,41 @@ def prepare_data(cfg: RunConfig) -> PrepareResult:
         manifest["counts"]["tokens_kept"],
     )
     return PrepareResult(prepared_dir=out, counts=counts, stats=stats, manifest_path=out / MANIFEST_FILE)
+
+
+def train_data_tokenizer(cfg: RunConfig, out_dir: Path) -> Tokenizer:
+    """A byte-level BPE tokenizer of ``data.tokenizer_vocab_size`` tokens trained on the sources, saved in ``out_dir``.
+
+    Each of the ``n`` sources contributes about ``data.tokenizer_train_chars / n`` characters, so a small source is
+    not drowned by a large one, spread over the whole source: when its document count is known ahead
+    (:func:`~refine_core.data.sources.count_documents`) every ``k``-th document is taken, ``k`` estimated from the
+    mean length of its first 16 documents; otherwise its first documents. The held-out split is decided later, so
+    the (few) held-out-loss documents may be among the tokenizer's training text (they are never evaluation tasks).
+    """
+    data = cfg.data
+    assert data.tokenizer_vocab_size is not None
+    share = max(1, data.tokenizer_train_chars // max(1, len(data.sources)))
+
+    def texts() -> Any:
+        for source in data.sources:
+            total = sources_lib.count_documents(source, cfg.model.cache_dir)
+            docs = sources_lib.iter_documents(source, cfg.model.cache_dir)
+            head = list(itertools.islice(docs, 16))
+            mean = sum(len(d.text) for d in head) / max(1, len(head))
+            every = 1 if total is None else max(1, round(total * mean / share))
+            taken = 0
+            for i, doc in enumerate(itertools.chain(head, docs)):
+                if taken >= share:
+                    break
+                if i % every == 0:
+                    taken += len(doc.text)
+                    yield doc.text
+
+    logger.info("training a byte-level BPE tokenizer of %d tokens on up to %d characters of the sources",
+                data.tokenizer_vocab_size, share * len(data.sources))
+    tokenizer = train_bpe_tokenizer(texts(), data.tokenizer_vocab_size, out_dir)
+    tokenizer.name = f"bpe-{data.tokenizer_vocab_size}"  # not the temporary directory it was loaded from
+    return tokenizer
 
 
 def _write_splits(cfg: RunConfig, tokenizer: Tokenizer, spec: str, tmp: Path) -> dict[str, Any]:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +74,11 @@ from refine_core.training.sharded_state import (
 )
 
 logger = logging.getLogger(__name__)
+
+# A wall-clock deadline, seconds since the epoch: a training stage stops at the end of the first step that ends past
+# it, checkpoints and returns unfinished, as with ``stop_after``; ``resume=true`` continues it. A caller with a time
+# budget (bench/repro.py) sets it for the stages it runs.
+DEADLINE_ENV = "REFINE_DEADLINE"
 
 
 def micro_batch_loss(
@@ -402,6 +409,11 @@ class TrainingSession:
         self.tracker.log_metrics(metrics, step=step)
         if settings.save_every and step % settings.save_every == 0 and step < settings.steps:
             self.save(step)
+        deadline = os.environ.get(DEADLINE_ENV)
+        if deadline and step < settings.steps and self.sync.total(float(time.time() >= float(deadline)))[0] > 0:
+            logger.info("step %d: past the deadline of $%s; checkpointing and stopping (resume to go on)", step,
+                        DEADLINE_ENV)
+            settings.stop_after = step - self.start_step  # the stage's loop stops before its next step
 
     @torch.no_grad()
     def eval_metrics(self) -> dict[str, float]:

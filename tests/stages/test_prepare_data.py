@@ -250,3 +250,29 @@ def test_documents_are_counted_ahead_where_it_is_cheap(tmp_path: Path) -> None:
     assert count_documents(SourceConfig(path=str(tmp_path))) is None
     (tmp_path / "bad.parquet").write_text("not parquet")  # the reading pass names this file; counting stays quiet
     assert count_documents(SourceConfig(path=str(tmp_path / "bad.parquet"))) is None
+
+
+def test_the_data_stage_trains_its_own_tokenizer(tmp_path: Path) -> None:
+    cfg = _synthetic(tmp_path, "data.tokenizer_vocab_size=300", "data.tokenizer_train_chars=200000")
+    result = prepare_data(cfg)
+    manifest = load_manifest(result.prepared_dir)
+    tokenizer = load_tokenizer(str(result.prepared_dir / "tokenizer"))
+    assert manifest["tokenizer"]["name"] == "bpe-300" and 258 < tokenizer.vocab_size <= 300
+    assert manifest["tokenizer"]["fingerprint"] == tokenizer.fingerprint()
+    # the shards hold its ids: a training document decodes back to synthetic text, in fewer tokens than bytes
+    train = TokenizedDataset(result.prepared_dir, "train", expected_fingerprint=tokenizer.fingerprint())
+    first = list(train[0])
+    text = tokenizer.decode(first)
+    assert len(first) < len(text.encode()) and any(d.text.startswith(text) for d in synthetic_documents(24, 120))
+    # trained again on the same sources: the same tokenizer
+    again = prepare_data(_synthetic(tmp_path / "again", "data.tokenizer_vocab_size=300",
+                                    "data.tokenizer_train_chars=200000"))
+    assert load_manifest(again.prepared_dir)["tokenizer"]["fingerprint"] == tokenizer.fingerprint()
+
+
+def test_a_trained_tokenizer_is_refused_for_a_pretrained_model(tmp_path: Path) -> None:
+    cfg = _synthetic(tmp_path, "data.tokenizer_vocab_size=300", "model.source=some/model")
+    with pytest.raises(ValueError, match="tokenizer_vocab_size=300 trains a new tokenizer"):
+        prepare_data(cfg)
+    with pytest.raises(ValueError, match="too small"):
+        _synthetic(tmp_path, "data.tokenizer_vocab_size=100")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from refine_core.stages.train_ntp import train_ntp
 from refine_core.tracking import MlflowTracker
 from refine_core.training.losses import IGNORE_INDEX, ntp_targets
 from refine_core.training.optim import build_optimizer, clip_and_step
-from refine_core.training.session import micro_batch_loss
+from refine_core.training.session import DEADLINE_ENV, micro_batch_loss
 
 TINY = [
     "device=cpu",
@@ -78,6 +79,19 @@ def test_interrupted_then_resumed_run_is_bitwise_identical(tmp_path, prepared):
     # The logged losses of the resumed steps are the uninterrupted run's, bit for bit.
     tail = [h["ntp/loss"] for h in straight.history if h["step"] > 3 and "ntp/loss" in h]
     assert tail == [h["ntp/loss"] for h in resumed.history if "ntp/loss" in h]
+
+
+def test_a_past_deadline_checkpoints_after_one_step_and_resume_finishes_bitwise(tmp_path, prepared, monkeypatch):
+    straight = train_ntp(run_cfg(tmp_path / "a", prepared))
+    monkeypatch.setenv(DEADLINE_ENV, str(time.time() - 1.0))  # a budget that is already spent
+    first = train_ntp(run_cfg(tmp_path / "b", prepared))
+    assert first.steps == 1 and not first.model_dir.exists()  # stopped early: checkpointed, nothing exported
+    monkeypatch.setenv(DEADLINE_ENV, str(time.time() + 3600))  # a budget that is not reached
+    resumed = train_ntp(run_cfg(tmp_path / "b", prepared, "ntp.resume=true"))
+    assert resumed.steps == 6
+    a = load_file(str(straight.model_dir / "model.safetensors"))
+    b = load_file(str(resumed.model_dir / "model.safetensors"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
 
 
 def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path, prepared):
