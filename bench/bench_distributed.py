@@ -114,7 +114,7 @@ class Runner:
         root = self.state / f"data-{length}-{docs}"
         if not (root / "data").is_dir():
             shutil.rmtree(root, ignore_errors=True)
-            words = max(length // 4, 60)  # random words average over 4 bytes with their space: >= length tokens
+            words = max(length // 3, 60)  # words average over 4 bytes with their space: comfortably >= length bytes
             overrides = [*self.common(model, length, root), "device=cpu",
                          f"data.sources=[{{path: synthetic, synthetic_docs: {docs}, synthetic_words: {words}}}]",
                          "data.eval_docs=8"]
