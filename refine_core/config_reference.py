@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import re
 import typing
 from typing import Any
 
@@ -56,6 +57,8 @@ def _comments(cls: type) -> dict[str, str]:
 
 def _type_name(tp: Any) -> str:
     text = str(tp) if not isinstance(tp, type) else tp.__name__
+    # a section class by its exported name (refine_core.config.sections.SourceConfig -> refine_core.config.SourceConfig)
+    text = re.sub(r"refine_core\.config\.[a-z_]+\.", "refine_core.config.", text)
     return text.replace("typing.", "").replace("NoneType", "None")
 
 
@@ -83,10 +86,10 @@ def _show(value: Any) -> str:
 
 
 def _rows(cls: type, prefix: str) -> list[tuple[str, str, str, str, str]]:
-    hints = typing.get_type_hints(cls, vars(config_module))
+    hints = typing.get_type_hints(cls)
     comments: dict[str, str] = {}
     for klass in reversed(cls.__mro__):  # a subclass's comment wins over its base's
-        if dataclasses.is_dataclass(klass) and klass.__module__ == config_module.__name__:
+        if dataclasses.is_dataclass(klass) and klass.__module__.startswith(config_module.__name__ + "."):
             comments.update(_comments(klass))
     rows = []
     for field in dataclasses.fields(cls):
@@ -107,7 +110,7 @@ def render() -> str:
         "# Configuration reference",
         "",
         "Every key of a run config (`--config FILE` and `key=value` overrides), generated from",
-        "`refine_core/config.py` by `python -m refine_core.config_reference > docs/configuration.md`;",
+        "`refine_core/config/` by `python -m refine_core.config_reference > docs/configuration.md`;",
         "`tests/test_docs.py` fails when this file is stale. \"Paper\" is the value of the paper's runs where spec §3",
         "states one (mid-training unless noted); the `refine` options' official names and defaults are in",
         "[algorithm-options.md](algorithm-options.md).",
@@ -117,7 +120,7 @@ def render() -> str:
 
     def add(prefix: str, cls: type) -> None:  # a section, then its own sections (``trainjob.node``), depth first
         sections.append((prefix, cls))
-        hints = typing.get_type_hints(cls, vars(config_module))
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
                 add(f"{prefix}{f.name}.", hints[f.name])
