@@ -50,47 +50,12 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.repro_tiny import TINY, TINY_SEEDS  # noqa: E402  (needs REPO on the path)
+from bench.repro_arms import ARMS, CONFIGS, SHARED_PREFIX, STARTS, WORK_PREFIX, Arm  # noqa: E402  (needs REPO on the path)
+from bench.repro_tiny import TINY, TINY_SEEDS  # noqa: E402
 from bench.repro_transport import bring_back, pack_model, unpack  # noqa: E402
 
 logger = logging.getLogger("repro")
 
-CONFIGS = REPO / "configs" / "repro"
-WORK_PREFIX = "runs/repro"  # how the configs name the work directory (replaced by --work)
-SHARED_PREFIX = "../shared/data"  # how the configs name the shared data (replaced by --shared)
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One arm of the study: a stage on a config, maybe starting from another arm's seed-0 model."""
-
-    name: str
-    config: str
-    stage: str  # train-ntp | train-refine | post-train | ttt
-    start: str | None = None
-    overrides: tuple[str, ...] = ()
-    evaluate: bool = True  # evaluate the trained model with eval.yaml (ttt answers as it adapts)
-    eval_overrides: tuple[str, ...] = ()
-    seeds: tuple[int, ...] = (0,)
-
-
-_QA_ONLY = ("eval.niah_tasks=[]",)
-ARMS: dict[str, Arm] = {arm.name: arm for arm in (
-    Arm("base", "pretrain.yaml", "train-ntp"),
-    Arm("mid-ntp", "midtrain-ntp.yaml", "train-refine", "base", seeds=(0, 1, 2)),
-    Arm("mid-refine", "midtrain-refine.yaml", "train-refine", "base", seeds=(0, 1, 2)),
-    Arm("post-sft", "posttrain.yaml", "post-train", "mid-refine", ("post.mode=sft",), eval_overrides=_QA_ONLY),
-    Arm("post-nested_sft", "posttrain.yaml", "post-train", "mid-refine", ("post.mode=nested_sft",),
-        eval_overrides=_QA_ONLY),
-    Arm("post-nested_refine", "posttrain.yaml", "post-train", "mid-refine", ("post.mode=nested_refine",),
-        eval_overrides=_QA_ONLY),
-    *(Arm(f"ttt-{method}-{mode}", "ttt.yaml", "ttt", "post-nested_refine",
-          (f"ttt.method={method}", f"ttt.mode={mode}"), evaluate=False)
-      for method in ("ntp", "refine") for mode in ("reset", "cumulative")),
-)}
-# Arms whose seed-0 model another arm starts from: packed for the next slot when they finish.
-STARTS = sorted({arm.start for arm in ARMS.values() if arm.start})
-# Seconds a step is assumed to need before its first measurement (the budget check), on a GPU.
 DEFAULT_SECONDS = {"data": 180.0, "train": 60.0, "eval": 120.0, "ttt": 300.0}
 
 

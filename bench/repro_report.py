@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.repro_arms import CONFIGS
 from refine_core.evaluation.niah import niah_groups
 from refine_core.evaluation.significance import ArmComparison, compare_arms, mean_std
 
@@ -356,8 +357,6 @@ def report(study: Any, experiments: Path | None, tracking_uri: str | None) -> st
     if experiments is not None:
         write_experiments(experiments, tables)
     if runs:
-        from bench.repro import CONFIGS
-
         experiment = yaml.safe_load((CONFIGS / "eval.yaml").read_text())["tracking"]["experiment"]
         ids = log_mlflow(runs, tables, experiment, tracking_uri)
         logger.info("MLflow: %d runs in experiment %s", len(ids), experiment)

@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench.repro_arms import ARMS
+
 logger = logging.getLogger("repro")
 
 PART_BYTES = 15 * 2**20
@@ -29,8 +31,6 @@ MAX_FILES_BACK = 8
 
 def bring_back(study: Any, out: Path) -> None:
     """The results (one tar.gz) and the weights of finished starting models (parts) into ``out``."""
-    from bench.repro import ARMS
-
     out.mkdir(parents=True, exist_ok=True)
     if study.results.is_dir():
         with tarfile.open(out / "repro-results.tar.gz", "w:gz") as tar:

@@ -46,10 +46,11 @@ import random
 import re
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from refine_core.data.qa_source import QAItem, QASource
+from refine_core.data.ruler_qa_source import read_ruler_qa_files
 from refine_core.data.tasks import RULER_MAX_GEN_TOKENS
 from refine_core.tokenizer import Tokenizer, load_tokenizer
 
@@ -76,54 +77,6 @@ SOURCE_TASKS = {"squad": "ruler_squadqa", "hotpotqa": "ruler_hotpotqa"}
 
 SourceFormat = Literal["squad", "hotpotqa", "ruler"]
 DocOrder = Literal["ruler", "random"]
-
-
-@dataclass(frozen=True)
-class QAItem:
-    """One question of a QA source.
-
-    Attributes:
-        question: the question text, used verbatim.
-        answers: the gold answers (SQuAD: every annotator's answer, duplicates kept as RULER does).
-        gold: indices into :attr:`QASource.documents` that every prompt of this question contains.
-        related: preferred distractors, used before random ones (SQuAD: the other paragraphs of the same article,
-            RULER's ``more_context``).
-    """
-
-    question: str
-    answers: list[str]
-    gold: tuple[int, ...]
-    related: tuple[int, ...] = ()
-
-
-@dataclass
-class QASource:
-    """Questions and the document pool their prompts are drawn from.
-
-    Attributes:
-        questions: in source order; a question's position is the ``index`` column of the files.
-        documents: the deduplicated, sorted document texts (RULER sorts them, which fixes the sampling order).
-        name: ``"squad"`` or ``"hotpotqa"`` (informational).
-    """
-
-    questions: list[QAItem]
-    documents: list[str]
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        n = len(self.documents)
-        for q, item in enumerate(self.questions):
-            if not item.answers:
-                raise ValueError(f"question {q} ({item.question!r}) has no answers; drop it from the source.")
-            if not item.gold:
-                raise ValueError(f"question {q} ({item.question!r}) has no gold document; drop it from the source.")
-            ids = (*item.gold, *item.related)
-            if len(set(ids)) != len(ids):
-                raise ValueError(f"question {q}: gold {item.gold} and related {item.related} must be distinct and "
-                                 "disjoint document indices.")
-            bad = [i for i in ids if not 0 <= i < n]
-            if bad:
-                raise ValueError(f"question {q}: document indices {bad} are outside the pool of {n} documents.")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -633,8 +586,6 @@ def make_ruler_qa(
     if num_train < 0 or num_test < 0 or num_train + num_test == 0:
         raise ValueError(f"num_train={num_train}, num_test={num_test}: ask for at least one row (spec §3: 1600/200).")
     if source_format == "ruler":
-        from refine_core.data.ruler_qa_source import read_ruler_qa_files  # it reads QASource from here
-
         source = read_ruler_qa_files(source_path)
         task = task or source.name
     else:

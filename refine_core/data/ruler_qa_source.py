@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from refine_core.data.passages import prompt_question, prompt_units
-from refine_core.data.ruler_qa import QAItem, QASource
+from refine_core.data.qa_source import QAItem, QASource
 from refine_core.data.tasks import expand_task_files
 
 logger = logging.getLogger(__name__)

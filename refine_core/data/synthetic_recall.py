@@ -26,7 +26,8 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from refine_core.data.sources import _ADJECTIVES, _NOUNS, _PEOPLE, Document, ProseWriter, _get_language
+from refine_core.data.document import Document
+from refine_core.data.synthetic import ADJECTIVES, NOUNS, PEOPLE, ProseWriter, get_language
 
 SYNTHETIC_RECALL_VERSION = 1
 # Statements in the first STATE_SPAN of the words, recalls at least GAP_FRACTION of the words later.
@@ -73,7 +74,7 @@ def recall_document(index: int, words: int, seed: int = 0) -> RecallDocument:
         raise ValueError(f"synthetic_words={words} is too short for stated and recalled facts; use >= 200.")
     rng = random.Random(f"refine-synthetic-recall:{SYNTHETIC_RECALL_VERSION}:{seed}:{index}")
     prose = ProseWriter(rng)
-    lang = _get_language()
+    lang = get_language()
     gap = words // 4
     n_facts = max(2, words // WORDS_PER_FACT)
     used_subjects: set[str] = set()
@@ -117,12 +118,12 @@ def recall_document(index: int, words: int, seed: int = 0) -> RecallDocument:
             if rng.random() < 0.5:
                 subject, value = fresh(lambda: f"{person()} was born in"), rng.choice(lang.places)
             else:
-                subject, value = fresh(lambda: f"{person()} works as a"), rng.choice(_PEOPLE)
+                subject, value = fresh(lambda: f"{person()} works as a"), rng.choice(PEOPLE)
             add("name", value, stated, f"{subject} {value}.",
                 f"As noted before, {subject} {value}." if recalled else None)
         elif kind == "number":
             subject = fresh(lambda: f"the {rng.choice(('code', 'price', 'count', 'number'))} of the "
-                                    f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}")
+                                    f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}")
             value = number()
             add("number", value, stated, f"{subject[0].upper()}{subject[1:]} is {value}.",
                 f"Recall that {subject} is {value}." if recalled else None)
@@ -131,7 +132,7 @@ def recall_document(index: int, words: int, seed: int = 0) -> RecallDocument:
             place = header.removeprefix("The ledger of ")
             entries = []
             for _ in range(rng.randint(4, 8)):
-                entries.append((fresh(lambda: f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"), number()))
+                entries.append((fresh(lambda: f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"), number()))
             block = f"{header} lists:\n" + "\n".join(f"{key}: {value}" for key, value in entries)
             events.append(_Event(stated, len(events), block, block=True))
             asked = set(rng.sample(range(len(entries)), rng.randint(1, 2))) if recalled else set()

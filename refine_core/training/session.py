@@ -38,9 +38,9 @@ from refine_core.distributed.ddp import (
     init_distributed,
     is_distributed_launch,
     launched_by_torchrun,
-    make_replica_sync,
 )
 from refine_core.distributed.fsdp import FSDPSync
+from refine_core.distributed.parallel import make_replica_sync
 from refine_core.models import FastWeightForCausalLM, save_pretrained
 from refine_core.models.hub import read_state_dict
 from refine_core.progress import format_duration
