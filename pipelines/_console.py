@@ -124,12 +124,14 @@ def key_figure(executor_output: dict[str, Any]) -> str:
         parts.append(f"{metadata['data/docs_kept']:,.0f} docs, {metadata.get('data/tokens_kept', 0):,.0f} tokens")
     if metadata.get("final_eval_loss") is not None:
         parts.append(f"held-out loss {metadata['final_eval_loss']:.3f}")
+    if metadata.get("final_sft_loss") is not None:
+        parts.append(f"answer loss {metadata['final_sft_loss']:.3f}")
     if metadata.get("final_recall_acc") is not None:
         parts.append(f"recall {100 * metadata['final_recall_acc']:.1f}%")
     scores = [f"{key[len('eval/'):]} {value:.1f}" for key, value in metadata.items()
               if key.startswith("eval/") and isinstance(value, (int, float))]
     parts.extend(scores[:3])
-    if not parts and metadata.get("train/steps") is not None:
+    if not [p for p in parts if not p.endswith(":")] and metadata.get("train/steps") is not None:
         parts.append(f"{metadata['train/steps']:.0f} steps")
     output = executor_output.get("parameterValues", {}).get("Output")
     if isinstance(output, str) and output.startswith("models:/"):

@@ -442,8 +442,10 @@ def export_training(
     for key in ("recall_acc", "first_mention_acc"):
         probe[f"initial_{key}"] = next((h[f"eval/{key}"] for h in recall if h.get("step") == 0.0), None)
         probe[f"final_{key}"] = recall[-1][f"eval/{key}"] if recall and recall[-1].get("step") != 0.0 else None
+    # post-training has no held-out loss: its last task-SFT loss (answer tokens given the prompt) says how it ended
+    sft = next((h["post/sft_loss"] for h in reversed(result.history) if "post/sft_loss" in h), None)
     return artifact_metadata(tracker, ctx, stage, steps=result.steps, final_eval_loss=result.final_eval_loss,
-                             initial_eval_loss=initial, **probe, **metadata)
+                             initial_eval_loss=initial, final_sft_loss=sft, **probe, **metadata)
 
 
 def export_evaluation(

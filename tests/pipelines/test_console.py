@@ -54,3 +54,10 @@ def test_a_finished_task_line_carries_its_key_figure(tmp_path):
         "ruler_squadqa 12.5"
     )
     assert key_figure({"parameterValues": {"Output": "models:/refine-deltanet/5"}}) == "models:/refine-deltanet/5"
+    # post-training has no held-out loss: its last answer loss, else its steps, after the arm
+    post = {"metrics": {"artifacts": [{"metadata": {"train/steps": 2.0}}]}}
+    assert key_figure({"artifacts": {**post, "model": {"artifacts": [{"metadata": {"arm": "refine"}}]}}}) == (
+        "refine: 2 steps"
+    )
+    model = {"model": {"artifacts": [{"metadata": {"arm": "refine", "final_sft_loss": 5.0946}}]}}
+    assert key_figure({"artifacts": {**post, **model}}) == "refine: answer loss 5.095"
