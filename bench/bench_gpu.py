@@ -389,11 +389,12 @@ def _done(state: Path, card: str) -> set[str]:
     """Parts fully measured on this kind of card (a slot on another card measures them again).
 
     A ``steps`` part is done only when every one of its cases has a record: a slot that ran out of time after the
-    NTP case measures the part again (the ratios come from one process, so its NTP case runs again too).
+    NTP case measures the part again (the ratios come from one process, so its NTP case runs again too). The
+    ``tests`` part is done when every test file has passed: a file that failed runs again (``part_tests``).
     """
     seen: dict[str, set] = {}
     for r in _records(state):
-        if r.get("card") == card:
+        if r.get("card") == card and not (r.get("part") == "tests" and r.get("returncode") != 0):
             seen.setdefault(_part_key(r), set()).add(r.get("case"))
     done = set()
     for name, cases in seen.items():
@@ -430,7 +431,7 @@ def run(args: argparse.Namespace) -> None:
     with open(state / "run.log", "a") as log:
         for name in names:
             done = _done(state, card)
-            if name in done:
+            if name in done and name not in (args.again or ()):
                 print(f"[skip] {name}: in results.jsonl", flush=True)
                 continue
             estimate, argv = PARTS[name]
@@ -484,6 +485,8 @@ def main() -> None:
     p_run.add_argument("--budget-s", type=float, default=540)
     p_run.add_argument("--parts", nargs="*", choices=list(PARTS))
     p_run.add_argument("--force", action="store_true", help="run the named parts even past the budget estimate")
+    p_run.add_argument("--again", nargs="*", choices=list(PARTS),
+                       help="measure these parts again although results.jsonl has them (the newest record wins)")
     p_run.add_argument("--pack-cache", action="store_true")
     p_run.add_argument("--unpack-cache", help="a folder holding triton-cache.tar.xz.part* files")
     p_run.add_argument("--commit", help="the git commit measured (the device's copy has no .git); kept per record")

@@ -55,6 +55,20 @@ def test_a_steps_part_cut_short_is_measured_again_and_the_newest_record_wins(tmp
     assert latest["refine_peak_mem_gib_1p3b_16k"] == 30.0 and latest["commits"] == ["abc1234"]
 
 
+def test_the_tests_part_is_done_only_when_every_test_file_passed(tmp_path):
+    """A GPU test file that failed runs again in the next slot (the committed records seed a fresh state)."""
+    from bench.bench_gpu import GPU_TEST_FILES
+
+    card = "NVIDIA H100 80GB HBM3"
+    records = [{"part": "tests", "part_key": "tests", "case": name, "card": card, "returncode": 0}
+               for name in GPU_TEST_FILES]
+    records[1] = {**records[1], "returncode": 1}
+    _write(tmp_path, records)
+    assert "tests" not in _done(tmp_path, card)
+    _write(tmp_path, [*records, {**records[1], "returncode": 0}])
+    assert "tests" in _done(tmp_path, card)
+
+
 def test_triton_cache_parts_round_trip(tmp_path):
     """The cache packed into small parts in one slot unpacks into the next slot's state folder unchanged."""
     from bench.triton_cache_parts import pack_cache, unpack_cache
