@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -36,6 +37,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.bench_gpu import _card as gpu_card  # noqa: E402  (needs REPO on the path)
+from bench.gpu_results import _records  # noqa: E402
+
 BASE_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 
 MODELS = {
@@ -258,20 +264,8 @@ def part_resume(runner: Runner, model: str, length: int, gpus: int, emit) -> Non
 
 
 # ---------------------------------------------------------------------------------------------------- orchestration
-def _records(state: Path) -> list[dict]:
-    path = state / "results.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def _card(device: str) -> str:
-    if device == "cpu":
-        return "cpu"
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=60).stdout.strip().splitlines()
-    except (OSError, subprocess.SubprocessError):
-        out = []
-    return out[0].strip() if out else "unknown"
+    return "cpu" if device == "cpu" else gpu_card()
 
 
 def run(args: argparse.Namespace) -> None:
@@ -350,8 +344,6 @@ def agreeing_digits(a: float | None, b: float | None) -> int | None:
         return None
     if a == b:
         return 16
-    import math
-
     return max(0, math.floor(-math.log10(abs(a - b) / max(abs(a), abs(b)))))
 
 

@@ -47,6 +47,8 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
+from refine_core.distributed.pod_resources import check_resources, gpus_per_node, quantity_text
+
 logger = logging.getLogger(__name__)
 
 GROUP = "trainer.kubeflow.org"
@@ -63,7 +65,6 @@ DEFAULT_RUNTIME = "refine-torch"
 # With config_yaml, the trainer writes the YAML here (refine-torch mounts an emptyDir on /tmp) before torchrun.
 CONFIG_ENV = "REFINE_CONFIG_YAML"
 CONFIG_IN_POD = "/tmp/refine-config.yaml"
-GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu")
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 # Paths that the refine-torch runtime's trainer container mounts itself (manifests/base/trainer).
@@ -217,65 +218,6 @@ def _json_ints(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-def _quantity(value: Any) -> str:
-    """A resource quantity as the string Kubernetes prints (``8.0`` → ``"8"``)."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _gpus(resources: Mapping[str, Any] | None) -> int:
-    """GPUs per node from ``limits`` (else ``requests``) of a ResourceRequirements dict."""
-    for section in ("limits", "requests"):
-        for key in GPU_RESOURCES:
-            value = ((resources or {}).get(section) or {}).get(key)
-            if value is not None:
-                return int(float(str(value)))
-    return 0
-
-
-def check_resources(resources: Mapping[str, Any] | None, where: str = "resources") -> None:
-    """Refuse a ``ResourceRequirements`` dict the API server would reject, naming the field.
-
-    Sections are ``requests`` / ``limits``; CPU and memory are Kubernetes quantities (``"8"``, ``"500m"``,
-    ``"64Gi"``), GPUs whole numbers; a limit is at least its request, and GPUs, which cannot be overcommitted, have
-    equal request and limit when both are given.
-
-    Raises:
-        ValueError: the first problem found.
-    """
-    from refine_core.config import ConfigError, parse_quantity
-
-    if not resources:
-        return
-    unknown = sorted(set(resources) - {"requests", "limits", "claims"})
-    if unknown:
-        raise ValueError(f"{where} has unknown section(s) {', '.join(unknown)}; use requests and limits.")
-    values: dict[str, dict[str, float]] = {}
-    for section in ("requests", "limits"):
-        for key, value in (resources.get(section) or {}).items():
-            field_name = f"{where}.{section}.{key}"
-            if key in GPU_RESOURCES:
-                number = float(str(value)) if re.fullmatch(r"\d+(\.0+)?", str(value)) else -1.0
-                if number < 0:
-                    raise ValueError(f"{field_name}={value!r} must be a whole number of GPUs.")
-            else:
-                try:
-                    number = parse_quantity(_quantity(value), field_name)
-                except ConfigError as exc:
-                    raise ValueError(str(exc)) from exc
-                if number <= 0:
-                    raise ValueError(f"{field_name}={value!r} must be > 0.")
-            values.setdefault(section, {})[key] = number
-    for key, request in values.get("requests", {}).items():
-        limit = values.get("limits", {}).get(key)
-        if limit is not None and limit < request:
-            raise ValueError(f"{where}.limits.{key} is below {where}.requests.{key}; a limit must be at least the "
-                             "request.")
-        if key in GPU_RESOURCES and limit is not None and limit != request:
-            raise ValueError(f"{where}: GPUs ({key}) cannot be overcommitted; give equal requests and limits.")
-
-
 def default_name(stage: str) -> str:
     """``refine-<stage>-<8 hex>``: unique, DNS-1035, short enough for JobSet's derived names."""
     return f"refine-{re.sub(r'[^a-z0-9-]+', '-', stage.lower()).strip('-')}-{uuid.uuid4().hex[:8]}"[:_MAX_NAME]
@@ -310,7 +252,7 @@ def build_trainjob(spec: TrainJobSpec) -> dict[str, Any]:
     if spec.num_nodes < 1:
         raise ValueError(f"num_nodes={spec.num_nodes} must be >= 1.")
     check_resources(spec.resources, "resources (per node)")
-    gpus = _gpus(spec.resources)
+    gpus = gpus_per_node(spec.resources)
     procs = spec.procs_per_node or gpus or 1
     if procs < 1:
         raise ValueError(f"procs_per_node={spec.procs_per_node} must be >= 1.")
@@ -329,7 +271,7 @@ def build_trainjob(spec: TrainJobSpec) -> dict[str, Any]:
         trainer["env"] = env
     if spec.resources:
         trainer["resourcesPerNode"] = {
-            section: {key: _quantity(value) for key, value in quantities.items()}
+            section: {key: quantity_text(value) for key, value in quantities.items()}
             for section, quantities in spec.resources.items()
             if quantities
         }
