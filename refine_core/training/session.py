@@ -81,6 +81,20 @@ logger = logging.getLogger(__name__)
 DEADLINE_ENV = "REFINE_DEADLINE"
 
 
+def deadline_from_env() -> float | None:
+    """``$REFINE_DEADLINE`` as seconds since the epoch (``None`` when unset); a value that is no number is refused."""
+    value = os.environ.get(DEADLINE_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(
+            f"${DEADLINE_ENV}={value!r} is not a time in seconds since the epoch; set it to one (e.g. "
+            f"$(( $(date +%s) + 540 ))) or unset it."
+        ) from None
+
+
 def micro_batch_loss(
     model: FastWeightForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_pad: bool
 ) -> tuple[torch.Tensor, int]:
@@ -409,8 +423,8 @@ class TrainingSession:
         self.tracker.log_metrics(metrics, step=step)
         if settings.save_every and step % settings.save_every == 0 and step < settings.steps:
             self.save(step)
-        deadline = os.environ.get(DEADLINE_ENV)
-        if deadline and step < settings.steps and self.sync.total(float(time.time() >= float(deadline)))[0] > 0:
+        deadline = deadline_from_env()
+        if deadline is not None and step < settings.steps and self.sync.total(float(time.time() >= deadline))[0] > 0:
             logger.info("step %d: past the deadline of $%s; checkpointing and stopping (resume to go on)", step,
                         DEADLINE_ENV)
             settings.stop_after = step - self.start_step  # the stage's loop stops before its next step

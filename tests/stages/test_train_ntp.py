@@ -160,3 +160,16 @@ def test_metrics_reach_mlflow(tmp_path, prepared, monkeypatch):
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "model"} <= artifacts
     assert "checkpoints" not in artifacts  # tracking.log_checkpoints is off by default (gigabytes per save)
+
+
+def test_a_deadline_that_is_no_time_is_refused_in_one_line(monkeypatch):
+    from refine_core.config import ConfigError
+    from refine_core.training.session import DEADLINE_ENV, deadline_from_env
+
+    monkeypatch.delenv(DEADLINE_ENV, raising=False)
+    assert deadline_from_env() is None
+    monkeypatch.setenv(DEADLINE_ENV, "1765170000.5")
+    assert deadline_from_env() == 1765170000.5
+    monkeypatch.setenv(DEADLINE_ENV, "in ten minutes")
+    with pytest.raises(ConfigError, match=r"REFINE_DEADLINE='in ten minutes' is not a time in seconds"):
+        deadline_from_env()
